@@ -1,0 +1,43 @@
+"""Registers every mSTAR class with the transformers Auto factories (run once on `import mstar_hf`).
+
+Two routes to the same classes: the local registry (`AutoModel.from_pretrained` needs no
+`trust_remote_code` while this package is installed), and `register_for_auto_class`, which makes
+`save_pretrained` write `auto_map` and copy the modeling code, so the folder also loads with
+`trust_remote_code=True` where the package is not installed.
+"""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+from .modeling import (
+    MStarConfig,
+    MStarGeneConfig,
+    MStarGeneEncoder,
+    MStarImageProcessor,
+    MStarModel,
+    MStarPatchConfig,
+    MStarPatchModel,
+    MStarSlideAggregator,
+    MStarSlideAggregatorConfig,
+)
+
+_REGISTERED = False
+
+
+def register_auto_classes() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    for config_class, model_class in (
+        (MStarPatchConfig, MStarPatchModel),
+        (MStarSlideAggregatorConfig, MStarSlideAggregator),
+        (MStarGeneConfig, MStarGeneEncoder),
+        (MStarConfig, MStarModel),
+    ):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModel.register(config_class, model_class, exist_ok=True)
+        config_class.register_for_auto_class()
+        model_class.register_for_auto_class("AutoModel")
+    AutoImageProcessor.register(MStarPatchConfig, image_processor_classes={"torchvision": MStarImageProcessor}, exist_ok=True)
+    AutoImageProcessor.register(MStarConfig, image_processor_classes={"torchvision": MStarImageProcessor}, exist_ok=True)
+    MStarImageProcessor.register_for_auto_class("AutoImageProcessor")
+    _REGISTERED = True

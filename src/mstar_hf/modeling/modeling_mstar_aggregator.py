@@ -1,0 +1,279 @@
+"""mSTAR slide aggregator: TransMIL (Nystrom attention + PPEG) over a slide's patch features.
+
+The attention is numerically the `nystrom-attention` package's `NystromAttention` (the module the
+TransMIL reference uses; parameter names are kept so reference checkpoints map one to one), computed
+in chunks so that no [N, landmarks] matrix larger than `chunk_size` rows exists at once: a 100k-patch
+slide runs in a few GB. Only imports torch, transformers and sibling files (copied next to
+checkpoints for `trust_remote_code`).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration_mstar import MStarSlideAggregatorConfig
+
+
+@dataclass
+class MStarSlideAggregatorOutput(ModelOutput):
+    r"""
+    slide_embeds (`torch.FloatTensor` of shape `[B, hidden_size]`):
+        The class token after the final LayerNorm: the slide embedding ("mSTAR+").
+    patch_embeds (`torch.FloatTensor` of shape `[B, N, hidden_size]`):
+        Every real patch re-embedded in whole-slide context, in input order (square-padding tokens
+        removed). Rows where `attention_mask` is False are zero.
+    attention_mask (`torch.BoolTensor` of shape `[B, N]`):
+        Which rows of `patch_embeds` are real patches.
+    """
+
+    slide_embeds: torch.FloatTensor | None = None
+    patch_embeds: torch.FloatTensor | None = None
+    attention_mask: torch.BoolTensor | None = None
+
+
+def iterative_pinv(x: torch.Tensor, iters: int) -> torch.Tensor:
+    """Moore-Penrose pseudo-inverse of `x` [B, h, m, m] by the Nystromformer iteration.
+
+    The reference scales the initial guess by maxima over the whole batch; here they are taken per
+    slide, so a slide gets the same result in any batch (identical to the reference for B=1).
+    """
+    abs_x = x.abs()
+    col = abs_x.sum(dim=-1).flatten(1).amax(dim=1)
+    row = abs_x.sum(dim=-2).flatten(1).amax(dim=1)
+    z = x.transpose(-1, -2) / (col * row).view(-1, 1, 1, 1)
+    eye = torch.eye(x.shape[-1], device=x.device, dtype=x.dtype)
+    for _ in range(iters):
+        xz = x @ z
+        z = 0.25 * z @ (13 * eye - (xz @ (15 * eye - (xz @ (7 * eye - xz)))))
+    return z
+
+
+class MStarNystromAttention(nn.Module):
+    """Nystrom self-attention (Xiong et al. 2021) with a depthwise-conv residual on the values."""
+
+    def __init__(self, config: MStarSlideAggregatorConfig):
+        super().__init__()
+        dim, heads, head_dim = config.hidden_size, config.num_attention_heads, config.attention_head_dim
+        self.heads, self.head_dim = heads, head_dim
+        self.num_landmarks = config.num_landmarks
+        self.pinv_iterations = config.pinv_iterations
+        self.chunk_size = config.chunk_size
+        self.scale = head_dim**-0.5
+        self.to_qkv = nn.Linear(dim, heads * head_dim * 3, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(heads * head_dim, dim), nn.Dropout(config.attention_dropout))
+        k = config.residual_conv_kernel
+        self.res_conv = nn.Conv2d(heads, heads, (k, 1), padding=(k // 2, 0), groups=heads, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, n, dim] (slides of equal length, no padding) -> [B, n, dim]."""
+        b, n, _ = x.shape
+        m, h, chunk = self.num_landmarks, self.heads, self.chunk_size
+        # As the reference: left-pad with zero tokens to a multiple of the landmark count. The zero
+        # tokens act as keys with zero logits, so they are part of the model's function.
+        if n % m:
+            x = F.pad(x, (0, 0, m - n % m, 0))
+        length = x.shape[1]
+        group = length // m
+        q, k, v = (t.unflatten(-1, (h, self.head_dim)).transpose(1, 2) for t in self.to_qkv(x).chunk(3, dim=-1))
+        q = q * self.scale
+        q_land = q.unflatten(2, (m, group)).mean(dim=3)  # [B, h, m, d]
+        k_land = k.unflatten(2, (m, group)).mean(dim=3)
+        attn2_inv = iterative_pinv((q_land @ k_land.transpose(-1, -2)).softmax(dim=-1), self.pinv_iterations)
+
+        # softmax(q_land k^T) v over all tokens, accumulated chunk by chunk (online softmax)
+        running_max = q_land.new_full((b, h, m, 1), float("-inf"))
+        denom = q_land.new_zeros((b, h, m, 1))
+        acc = q_land.new_zeros((b, h, m, self.head_dim))
+        for start in range(0, length, chunk):
+            sim = q_land @ k[:, :, start : start + chunk].transpose(-1, -2)
+            new_max = torch.maximum(running_max, sim.amax(dim=-1, keepdim=True))
+            correction = torch.exp(running_max - new_max)
+            p = torch.exp(sim - new_max)
+            denom = denom * correction + p.sum(dim=-1, keepdim=True)
+            acc = acc * correction + p @ v[:, :, start : start + chunk]
+            running_max = new_max
+        context = attn2_inv @ (acc / denom)  # [B, h, m, d]
+
+        # softmax(q k_land^T) @ context, query chunk by query chunk; rows are independent
+        out = torch.cat(
+            [
+                (q[:, :, s : s + chunk] @ k_land.transpose(-1, -2)).softmax(dim=-1) @ context
+                for s in range(0, length, chunk)
+            ],
+            dim=2,
+        )
+        out = out + self.res_conv(v)
+        out = self.to_out(out.transpose(1, 2).flatten(2))
+        return out[:, -n:]
+
+
+class MStarTransLayer(GradientCheckpointingLayer):
+    """Pre-LayerNorm Nystrom attention with a residual add (TransMIL has no feed-forward block)."""
+
+    def __init__(self, config: MStarSlideAggregatorConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = MStarNystromAttention(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.attn(self.norm(hidden_states))
+
+
+class MStarPPEG(nn.Module):
+    """Pyramid position encoding generator: depthwise convs over the square grid of patch tokens."""
+
+    def __init__(self, config: MStarSlideAggregatorConfig):
+        super().__init__()
+        dim = config.hidden_size
+        kernels = config.ppeg_kernels
+        # named proj, proj1, proj2 as in TransMIL
+        for i, k in enumerate(kernels):
+            self.add_module("proj" if i == 0 else f"proj{i}", nn.Conv2d(dim, dim, k, 1, k // 2, groups=dim))
+        self.num_convs = len(kernels)
+
+    def forward(self, hidden_states: torch.Tensor, side: int) -> torch.Tensor:
+        cls_token, tokens = hidden_states[:, :1], hidden_states[:, 1:]
+        grid = tokens.transpose(1, 2).unflatten(2, (side, side))
+        out = grid
+        for i in range(self.num_convs):
+            out = out + getattr(self, "proj" if i == 0 else f"proj{i}")(grid)
+        return torch.cat([cls_token, out.flatten(2).transpose(1, 2)], dim=1)
+
+
+class MStarSlideAggregatorPreTrainedModel(PreTrainedModel):
+    config_class = MStarSlideAggregatorConfig
+    base_model_prefix = "aggregator"
+    main_input_name = "patch_features"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MStarTransLayer"]
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, MStarSlideAggregator):
+            init.normal_(module.cls_token, mean=0.0, std=std)
+
+
+def check_patch_features(patch_features: torch.Tensor, attention_mask: torch.Tensor | None, input_dim: int, who: str):
+    """Validates a bag batch; raises ValueError naming the problem (never broadcasts silently)."""
+    if patch_features.ndim != 3:
+        raise ValueError(f"{who} expects patch_features of shape [B, N, {input_dim}], got {tuple(patch_features.shape)}.")
+    batch, num, width = patch_features.shape
+    if width != input_dim:
+        raise ValueError(f"{who}: wrong feature width: expected {input_dim}-d patch features, got {width}-d.")
+    if num == 0:
+        raise ValueError(f"{who}: empty bag: patch_features has 0 patches.")
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (batch, num):
+            raise ValueError(
+                f"{who}: attention_mask has shape {tuple(attention_mask.shape)} but patch_features is "
+                f"{tuple(patch_features.shape)}; expected [{batch}, {num}]."
+            )
+        empty = (~attention_mask.bool()).all(dim=1).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"{who}: empty bag: slides at batch index {empty} have no unmasked patch.")
+    finite = torch.isfinite(patch_features).all(dim=-1)
+    if attention_mask is not None:
+        finite = finite | ~attention_mask.bool()
+    bad = (~finite.all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"{who}: NaN or inf in the patch features of the slides at batch index {bad}.")
+
+
+class MStarSlideAggregator(MStarSlideAggregatorPreTrainedModel):
+    r"""
+    TransMIL, as pretrained by mSTAR: Linear(input_dim -> hidden) + ReLU + Dropout; square padding by
+    repeating the first tokens; a class token; TransLayer; PPEG; TransLayer; LayerNorm.
+
+    Forward:
+        patch_features (`torch.FloatTensor` of shape `[B, N, input_dim]`): patch features of B slides.
+        attention_mask (`torch.BoolTensor` of shape `[B, N]`, *optional*): True for real patches. Slides
+            of different lengths are each computed on their own real patches, so a slide's result does
+            not depend on the batch it is in.
+
+    Returns:
+        [`MStarSlideAggregatorOutput`] with `slide_embeds` `[B, hidden_size]` and `patch_embeds`
+        `[B, N, hidden_size]`.
+    """
+
+    def __init__(self, config: MStarSlideAggregatorConfig):
+        super().__init__(config)
+        self.input_proj = nn.Sequential(
+            nn.Linear(config.input_dim, config.hidden_size), nn.ReLU(), nn.Dropout(config.input_dropout)
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.layers = nn.ModuleList([MStarTransLayer(config), MStarTransLayer(config)])
+        self.ppeg = MStarPPEG(config)
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def _encode(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features [B, n, input_dim] of equal-length slides -> ([B, hidden], [B, n, hidden])."""
+        hidden = self.input_proj(features)
+        n = hidden.shape[1]
+        side = math.isqrt(n)
+        side += side * side < n
+        hidden = torch.cat([hidden, hidden[:, : side * side - n]], dim=1)
+        hidden = torch.cat([self.cls_token.expand(hidden.shape[0], -1, -1).to(hidden.dtype), hidden], dim=1)
+        hidden = self.layers[0](hidden)
+        hidden = self.ppeg(hidden, side)
+        hidden = self.layers[1](hidden)
+        hidden = self.final_norm(hidden)
+        return hidden[:, 0], hidden[:, 1 : n + 1]
+
+    def forward(
+        self,
+        patch_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MStarSlideAggregatorOutput | tuple:
+        check_patch_features(patch_features, attention_mask, self.config.input_dim, type(self).__name__)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        batch, num, _ = patch_features.shape
+        if attention_mask is None or bool(attention_mask.all()):
+            slide_embeds, patch_embeds = self._encode(patch_features)
+            mask = torch.ones(batch, num, dtype=torch.bool, device=patch_features.device)
+        else:
+            mask = attention_mask.bool()
+            lengths = mask.sum(dim=1)
+            slide_embeds = patch_features.new_zeros(batch, self.config.hidden_size)
+            patch_embeds = patch_features.new_zeros(batch, num, self.config.hidden_size)
+            # slides with the same number of real patches run together; each group is unpadded
+            for length in lengths.unique().tolist():
+                rows = (lengths == length).nonzero().flatten()
+                bags = patch_features[rows][mask[rows]].view(len(rows), length, -1)
+                group_slide, group_patches = self._encode(bags)
+                slide_embeds = slide_embeds.index_copy(0, rows, group_slide.to(slide_embeds.dtype))
+                scattered = patch_embeds[rows].masked_scatter(mask[rows, :, None], group_patches.to(patch_embeds.dtype))
+                patch_embeds = patch_embeds.index_copy(0, rows, scattered)
+        if not return_dict:
+            return slide_embeds, patch_embeds, mask
+        return MStarSlideAggregatorOutput(slide_embeds=slide_embeds, patch_embeds=patch_embeds, attention_mask=mask)
+
+
+__all__ = [
+    "MStarSlideAggregator",
+    "MStarSlideAggregatorOutput",
+    "MStarSlideAggregatorPreTrainedModel",
+    "MStarNystromAttention",
+    "check_patch_features",
+    "iterative_pinv",
+]

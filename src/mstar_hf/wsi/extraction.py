@@ -1,0 +1,545 @@
+"""Batched patch-feature extraction: DataLoader workers read patches, the main process runs the model.
+
+Workers each open their own OpenSlide handle (handles are not fork-safe) and return ready-to-batch
+tensors, so reading and resizing overlap with the forward pass. On a GPU the workers return uint8
+(4x less to copy) and normalisation runs on the device; on a CPU they also normalise, keeping the
+main process, which owns the compute threads, free of per-patch work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import SlideError
+from .features import read_attrs, tmp_path_for, write_features
+from .slide import WSI, ReadPlan, open_slide
+from .tiling import TileGrid, tile_slide
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# -- preprocessing ----------------------------------------------------------------------------------
+class PatchTransform:
+    """The image processor's resize / crop / rescale / normalise, split into a uint8 part and a float part.
+
+    Mirrors transformers' TorchvisionBackend (resize the uint8 tensor with antialiasing, then
+    normalise with mean and std folded with the 1/255 rescale), so features equal those computed
+    from `image_processor(images)`.
+    """
+
+    def __init__(self, image_processor=None):
+        from transformers.image_utils import pil_torch_interpolation_mapping
+
+        p = image_processor
+
+        def get(name, default=None):
+            value = getattr(p, name, None) if p is not None else None
+            return default if value is None else value
+
+        size = get("size", {"height": 224, "width": 224})
+        size_get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+        self.size = (size_get("height"), size_get("width")) if size_get("height") else None
+        self.shortest_edge = size_get("shortest_edge")
+        self.do_resize = bool(get("do_resize", True))
+        resample = get("resample", 2)
+        self.interpolation = pil_torch_interpolation_mapping.get(resample, resample) if not hasattr(
+            resample, "value") or isinstance(resample, int) else resample
+        if isinstance(self.interpolation, int):  # a bare PIL resample code
+            from PIL.Image import Resampling
+
+            self.interpolation = pil_torch_interpolation_mapping[Resampling(self.interpolation)]
+        crop = get("crop_size")
+        self.crop = None
+        if get("do_center_crop", False) and crop is not None:
+            cget = crop.get if isinstance(crop, dict) else (lambda k: getattr(crop, k, None))
+            self.crop = (cget("height"), cget("width"))
+        self.do_rescale = bool(get("do_rescale", True))
+        self.rescale_factor = float(get("rescale_factor", 1 / 255))
+        self.do_normalize = bool(get("do_normalize", True))
+        mean = torch.tensor(get("image_mean", (0.485, 0.456, 0.406)), dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(get("image_std", (0.229, 0.224, 0.225)), dtype=torch.float32).view(1, 3, 1, 1)
+        if self.do_rescale and self.do_normalize:  # (x / 255 - m) / s == (x - 255 m) / (255 s)
+            mean, std = mean / self.rescale_factor, std / self.rescale_factor
+        self.mean, self.std = mean, std
+
+    def output_size(self, patch_size: int) -> tuple[int, int]:
+        h = w = patch_size
+        if self.do_resize:
+            if self.size is not None:
+                h, w = self.size
+            elif self.shortest_edge:
+                h = w = self.shortest_edge
+        return self.crop or (h, w)
+
+    def resize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, H, W) -> uint8 at the processor's size (and crop)."""
+        from torchvision.transforms.v2 import functional as tvF
+
+        if self.do_resize:
+            target = self.size or (self.shortest_edge, self.shortest_edge)
+            if tuple(x.shape[-2:]) != tuple(target):
+                x = tvF.resize(x, list(target), interpolation=self.interpolation, antialias=True)
+        if self.crop is not None:
+            x = tvF.center_crop(x, list(self.crop))
+        return x
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) on any device -> float32 model input."""
+        x = x.to(torch.float32)
+        if self.do_normalize:
+            return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+        if self.do_rescale:
+            return x.mul_(self.rescale_factor)
+        return x
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        squeeze = x.ndim == 3
+        out = self.normalize(self.resize(x[None] if squeeze else x))
+        return out[0] if squeeze else out
+
+
+# -- dataset ----------------------------------------------------------------------------------------
+class PatchDataset(Dataset):
+    """Patches of one slide. Each worker process opens its own slide handle on first use.
+
+    Items are (3, H, W) tensors: uint8 after the resize when `normalize=False`, float32 model input
+    when `normalize=True`.
+    """
+
+    def __init__(self, slide_path, coords: np.ndarray, plan: ReadPlan, transform: PatchTransform | None = None,
+                 mpp_override: float | None = None, normalize: bool = False):
+        self.slide_path = Path(slide_path)
+        self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        self.plan = plan
+        self.transform = transform
+        self.mpp_override = mpp_override
+        self.normalize = normalize
+        self._wsi: WSI | None = None
+        self._pid = None
+
+    def _slide(self) -> WSI:
+        # A handle inherited through fork is not safe to use: reopen in every new process.
+        if self._wsi is None or self._pid != os.getpid():
+            self._wsi = open_slide(self.slide_path, mpp_override=self.mpp_override)
+            self._pid = os.getpid()
+        return self._wsi
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_wsi"] = None
+        state["_pid"] = None
+        return state
+
+    def __len__(self):
+        return len(self.coords)
+
+    def __getitem__(self, i):
+        x0, y0 = self.coords[i]
+        arr = self._slide().read_patch_array(int(x0), int(y0), self.plan)
+        x = torch.from_numpy(arr).permute(2, 0, 1)
+        if self.transform is not None:
+            x = self.transform.resize(x)
+            if self.normalize:
+                x = self.transform.normalize(x[None])[0]
+        return x.contiguous()
+
+
+def _worker_init(_):
+    # One thread per reader: the compute threads belong to the main process.
+    torch.set_num_threads(1)
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
+
+
+def make_patch_loader(dataset: PatchDataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+# -- model helpers ----------------------------------------------------------------------------------
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def resolve_device(device=None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _pooled(output) -> torch.Tensor:
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is None:
+        pooled = output[1] if isinstance(output, tuple) else output.last_hidden_state[:, 0]
+    return pooled
+
+
+def encoder_identity(model) -> dict:
+    """Encoder name and config hash for feature-file attributes (what resume compares)."""
+    config = getattr(model, "config", None)
+    try:
+        from mstar_hf.modeling.modeling_mstar_patch import config_hash
+    except ImportError:  # pragma: no cover - the modeling package is part of mstar_hf
+        import hashlib
+
+        def config_hash(c):
+            return hashlib.sha256(c.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+
+    name = getattr(config, "architecture", None) or getattr(model, "name_or_path", None) or type(model).__name__
+    return {
+        "encoder": str(name),
+        "encoder_name_or_path": str(getattr(model, "name_or_path", "") or ""),
+        "encoder_config_hash": config_hash(config) if config is not None else "",
+        "feature_dim": int(getattr(config, "hidden_size", 0) or 0),
+    }
+
+
+def _run_model(model, loader, n: int, device: torch.device, transform: PatchTransform, normalized_in_workers: bool,
+               precision: str, progress: bool, desc: str) -> np.ndarray:
+    from tqdm.auto import tqdm
+
+    chunks = []
+    non_blocking = device.type == "cuda"
+    with torch.inference_mode(), _autocast(device, precision), tqdm(
+        total=n, desc=desc, unit="patch", disable=not progress, leave=False, dynamic_ncols=True
+    ) as bar:
+        for batch in loader:
+            x = batch.to(device, non_blocking=non_blocking)
+            if not normalized_in_workers:
+                x = transform.normalize(x)
+            feats = _pooled(model(pixel_values=x))
+            chunks.append(feats.float())
+            bar.update(len(batch))
+    if not chunks:
+        return np.zeros((0, 0), np.float32)
+    return torch.cat(chunks).cpu().numpy()
+
+
+def extract_slide_features(
+    wsi_or_path,
+    model,
+    image_processor,
+    coords=None,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    precision: str = "fp32",
+    device=None,
+    progress: bool = True,
+    *,
+    patch_size: int = 256,
+    target_mpp: float = 0.5,
+    overlap: int = 0,
+    min_tissue: float = 0.5,
+    mpp_override: float | None = None,
+    seg_params: dict | None = None,
+    return_grid: bool = False,
+):
+    """Features of one slide's patches: returns (coords (N, 2) int64 level-0, features (N, D) float32).
+
+    Without `coords`, the slide is segmented and tiled (`tile_slide` with patch_size, target_mpp,
+    overlap, min_tissue, seg_params). `device=None` uses the model's device. `precision` "bf16" /
+    "fp16" runs the forward pass under autocast; features are returned as float32.
+    With `return_grid=True` the TileGrid (or None when coords were given) is returned third.
+    """
+    own = not isinstance(wsi_or_path, WSI)
+    wsi = open_slide(wsi_or_path, mpp_override=mpp_override) if own else wsi_or_path
+    try:
+        grid = None
+        if coords is None:
+            grid = tile_slide(wsi, patch_size=patch_size, target_mpp=target_mpp, overlap=overlap,
+                              min_tissue=min_tissue, **(seg_params or {}))
+            coords, plan = grid.coords, grid.plan
+        else:
+            coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+            plan = wsi.plan_read(patch_size, target_mpp)
+        dev = _model_device(model) if device is None else resolve_device(device)
+        if _model_device(model) != dev:
+            model.to(dev)
+        model.eval()
+        transform = PatchTransform(image_processor)
+        in_workers = dev.type == "cpu"
+        dataset = PatchDataset(wsi.path, coords, plan, transform, mpp_override=wsi.mpp if own or mpp_override
+                               else mpp_override, normalize=in_workers)
+        # Workers reopen the slide with the resolution the caller resolved (override or metadata).
+        dataset.mpp_override = wsi.mpp
+        loader = make_patch_loader(dataset, batch_size, num_workers, pin_memory=dev.type == "cuda")
+        feats = _run_model(model, loader, len(coords), dev, transform, in_workers, precision, progress,
+                           desc=wsi.path.name)
+        if feats.shape[0] != len(coords):
+            raise SlideError(wsi.path, f"extracted {feats.shape[0]} features for {len(coords)} patches")
+        return (coords, feats, grid) if return_grid else (coords, feats)
+    finally:
+        if own:
+            wsi.close()
+
+
+# -- batch extraction -------------------------------------------------------------------------------
+@dataclass
+class SlideSpec:
+    """A slide to process, with an optional per-slide resolution override."""
+
+    path: Path
+    mpp: float | None = None
+
+
+def _as_spec(item) -> SlideSpec:
+    if isinstance(item, SlideSpec):
+        return item
+    if isinstance(item, dict):
+        return SlideSpec(Path(item["path"]), item.get("mpp"))
+    if isinstance(item, (tuple, list)):
+        return SlideSpec(Path(item[0]), item[1] if len(item) > 1 else None)
+    return SlideSpec(Path(item))
+
+
+FAILURE_FIELDS = ["slide", "error", "reason"]
+# Settings that make an existing feature file reusable on resume.
+_RESUME_KEYS = ("encoder_config_hash", "patch_size", "target_mpp", "overlap", "min_tissue")
+
+
+def check_writable_dir(out_dir) -> Path:
+    """Create `out_dir` if needed and prove it writable; raises OSError naming it otherwise."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"output directory {out_dir} is not writable ({e.strerror or e})") from None
+    return out_dir
+
+
+def _dist_state():
+    """(rank, world_size, barrier) from Accelerate when launched with several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, (lambda: None)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state.wait_for_everyone
+
+
+def _default_threads(num_workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) - num_workers)
+
+
+def extract_features(
+    slides: list,
+    out_dir,
+    model,
+    image_processor,
+    patch_size: int = 256,
+    target_mpp: float = 0.5,
+    overlap: int = 0,
+    min_tissue: float = 0.5,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    precision: str = "fp32",
+    device=None,
+    mpp: float | None = None,
+    resume: bool = True,
+    qc: bool = True,
+    quiet: bool = False,
+    seg_params: dict | None = None,
+    num_threads: int | None = None,
+    extra_failures: list | None = None,
+) -> dict:
+    """Extract features for many slides into `out_dir/<slide stem>.h5` (+ `out_dir/qc/<stem>.png`).
+
+    A slide whose file exists with the same settings is skipped (`resume`); a failing slide is
+    recorded in `out_dir/failures.csv` and the others continue. Under `accelerate launch` or
+    `torchrun`, process r takes slides[r::world_size] and rank 0 merges failures and the summary.
+    On CPU, `num_threads` (default: cores minus reader workers) bounds the compute threads so the
+    readers are not starved. Returns a summary dict (done / skipped / failed counts, patches,
+    seconds, patches_per_s, failures).
+    """
+    from tqdm.auto import tqdm
+
+    from .qc import save_qc_image
+
+    out_dir = check_writable_dir(out_dir)
+    rank, world, barrier = _dist_state()
+    specs = [_as_spec(s) for s in slides]
+    dev = resolve_device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    prev_threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(num_threads or _default_threads(num_workers))
+    model.to(dev).eval()
+    ident = encoder_identity(model)
+    settings = {"patch_size": int(patch_size), "target_mpp": float(target_mpp), "overlap": int(overlap),
+                "min_tissue": float(min_tissue)}
+
+    # Output names must be unique across the whole list (same on every rank, so no rank collides).
+    stems: dict[str, int] = {}
+    owner = []
+    for s in specs:
+        stem = s.path.stem
+        owner.append(stem not in stems)
+        stems.setdefault(stem, 0)
+    mine = list(range(rank, len(specs), world))
+
+    rank_failures = out_dir / (f".failures.rank{rank}.csv" if world > 1 else ".failures.partial.csv")
+    failures: list[dict] = []
+
+    def record(path, exc_or_reason, error_type=None):
+        row = {"slide": str(path), "error": error_type or type(exc_or_reason).__name__,
+               "reason": str(exc_or_reason).replace("\n", " ")}
+        failures.append(row)
+        new = not rank_failures.exists()
+        with open(rank_failures, "a", newline="") as fh:  # written as we go: survives a crash
+            w = csv.DictWriter(fh, FAILURE_FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    rank_failures.unlink(missing_ok=True)
+    if rank == 0:
+        for item in extra_failures or []:
+            record(item[0], item[1], item[2] if len(item) > 2 else "SlideError")
+
+    done = skipped = patches = 0
+    t_start = time.perf_counter()
+    compute_s = 0.0
+    try:
+        bar = tqdm(mine, desc=f"slides[{rank}/{world}]" if world > 1 else "slides", unit="slide",
+                   disable=quiet or rank != 0, dynamic_ncols=True)
+        for i in bar:
+            spec = specs[i]
+            out_h5 = out_dir / f"{spec.path.stem}.h5"
+            if not owner[i]:
+                record(spec.path, f"{spec.path}: another slide in the list has the same name; its features would "
+                                  f"overwrite {out_h5.name}", "SlideError")
+                continue
+            if resume:
+                attrs = read_attrs(out_h5) if out_h5.exists() else None
+                if attrs is not None and all(_same(attrs.get(k), v) for k, v in
+                                             {**settings, "encoder_config_hash": ident["encoder_config_hash"]}.items()):
+                    skipped += 1
+                    continue
+            try:
+                t0 = time.perf_counter()
+                with open_slide(spec.path, mpp_override=spec.mpp if spec.mpp is not None else mpp) as wsi:
+                    coords, feats, grid = extract_slide_features(
+                        wsi, model, image_processor, batch_size=batch_size, num_workers=num_workers,
+                        precision=precision, device=dev, progress=not quiet and rank == 0,
+                        patch_size=patch_size, target_mpp=target_mpp, overlap=overlap, min_tissue=min_tissue,
+                        seg_params=seg_params, return_grid=True)
+                    attrs = {**grid.attrs(), **ident, "feature_dim": int(feats.shape[1]), "slide": spec.path.name,
+                             "precision": precision}
+                    write_features(out_h5, coords, feats, attrs)
+                    compute_s += time.perf_counter() - t0
+                    if qc:
+                        save_qc_image(out_dir / "qc" / f"{spec.path.stem}.png", grid.tissue, grid.coords,
+                                      grid.patch_size_level0, title=_qc_title(spec.path, grid))
+                done += 1
+                patches += len(coords)
+            except (SlideError, OSError, RuntimeError, ValueError) as e:
+                tmp_path_for(out_h5).unlink(missing_ok=True)
+                record(spec.path, e)
+            bar.set_postfix(done=done, skipped=skipped, failed=len(failures))
+        bar.close()
+    finally:
+        if dev.type == "cpu":
+            torch.set_num_threads(prev_threads)
+
+    elapsed = time.perf_counter() - t_start
+    summary = {"rank": rank, "world_size": world, "slides": len(mine), "done": done, "skipped": skipped,
+               "failed": len(failures), "patches": patches, "seconds": round(elapsed, 3),
+               "extract_seconds": round(compute_s, 3)}
+    summary_part = out_dir / f".summary.rank{rank}.json"
+    summary_part.write_text(json.dumps(summary))
+    barrier()
+    if rank != 0:
+        return {**summary, "patches_per_s": patches / compute_s if compute_s else 0.0, "failures": failures}
+    return _merge_rank_outputs(out_dir, world, len(specs))
+
+
+def _same(a, b) -> bool:
+    if isinstance(b, float):
+        try:
+            return a is not None and abs(float(a) - b) <= 1e-9 * max(1.0, abs(b))
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
+def _qc_title(path: Path, grid: TileGrid) -> str:
+    return (f"{path.name}: {len(grid)} patches of {grid.patch_size}px at {grid.target_magnification:g}x "
+            f"({grid.target_mpp:g} um/px), read at level {grid.plan.level}; tissue {grid.tissue.tissue_fraction:.0%}")
+
+
+def _merge_rank_outputs(out_dir: Path, world: int, n_slides: int) -> dict:
+    """Rank 0: one failures.csv (sorted by slide, so any process count gives the same file) and summary.json."""
+    parts = [out_dir / (f".failures.rank{r}.csv" if world > 1 else ".failures.partial.csv") for r in range(world)]
+    rows = []
+    for p in parts:
+        if p.exists():
+            with open(p, newline="") as fh:
+                rows.extend(csv.DictReader(fh))
+    rows.sort(key=lambda r: r["slide"])
+    tmp = out_dir / "failures.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, FAILURE_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, out_dir / "failures.csv")
+    for p in parts:
+        p.unlink(missing_ok=True)
+    totals = {"slides": n_slides, "done": 0, "skipped": 0, "patches": 0, "seconds": 0.0, "extract_seconds": 0.0}
+    for r in range(world):
+        p = out_dir / f".summary.rank{r}.json"
+        if p.exists():
+            s = json.loads(p.read_text())
+            for k in ("done", "skipped", "patches"):
+                totals[k] += s[k]
+            totals["seconds"] = max(totals["seconds"], s["seconds"])
+            totals["extract_seconds"] = max(totals["extract_seconds"], s["extract_seconds"])
+            p.unlink()
+    totals["failed"] = len(rows)
+    totals["world_size"] = world
+    totals["patches_per_s"] = round(totals["patches"] / totals["seconds"], 2) if totals["seconds"] else 0.0
+    (out_dir / "summary.json").write_text(json.dumps(totals, indent=2) + "\n")
+    totals["failures"] = rows
+    return totals
+
+
+__all__ = ["PatchTransform", "PatchDataset", "SlideSpec", "extract_slide_features", "extract_features",
+           "encoder_identity", "check_writable_dir", "make_patch_loader", "resolve_device", "PRECISIONS"]

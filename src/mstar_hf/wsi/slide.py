@@ -1,0 +1,266 @@
+"""Whole-slide access through OpenSlide: resolution, pyramid level choice, reads at a target resolution.
+
+Every failure is a `SlideError` whose message names the file. Reads always use the coarsest pyramid
+level that is still at least as fine as the target resolution, then resize, so level 0 of a 40x
+slide is never decoded for 20x patches.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import MissingMppError, SlideError
+
+# Extensions OpenSlide reads (a folder scan uses these; a file given explicitly is tried whatever its name).
+SLIDE_EXTENSIONS = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi",
+)
+
+# Mpp from TIFF resolution tags is only trusted in this range: many plain TIFFs carry a 72 dpi default.
+_PLAUSIBLE_MPP = (0.05, 20.0)
+
+
+def mpp_to_magnification(mpp: float) -> float:
+    """Nominal objective magnification for a resolution (convention: 10x <-> 1.0 um/px, 20x <-> 0.5, 40x <-> 0.25)."""
+    return 10.0 / mpp
+
+
+def magnification_to_mpp(magnification: float) -> float:
+    return 10.0 / magnification
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """How a patch of `patch_size` target pixels is read: `read_size` pixels at pyramid `level`."""
+
+    level: int
+    level_downsample: float
+    read_size: int  # pixels read at `level`, resized to patch_size when different
+    patch_size: int
+    patch_size_level0: int  # extent of one patch in level-0 pixels
+
+
+def _open_openslide(path: Path):
+    import openslide
+
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise SlideError(path, "not a whole-slide image in a format OpenSlide can read") from None
+    except openslide.OpenSlideError as e:
+        raise SlideError(path, f"corrupt or truncated slide file (OpenSlide: {e})") from None
+
+
+class WSI:
+    """An open whole-slide image. Use `open_slide(path, mpp_override)`; close it (or use `with`)."""
+
+    def __init__(self, path, mpp_override: float | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SlideError(self.path, "file not found")
+        if self.path.is_dir():
+            raise SlideError(self.path, "is a directory, not a slide file")
+        if not os.access(self.path, os.R_OK):
+            raise SlideError(self.path, "file is not readable (permission denied)")
+        self._osr = _open_openslide(self.path)
+        self.mpp, self.mpp_source = self._resolve_mpp(mpp_override)
+        self.level_count: int = self._osr.level_count
+        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(self._osr.level_dimensions)
+        self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in self._osr.level_downsamples)
+        self.dimensions: tuple[int, int] = self.level_dimensions[0]
+        # Reads per pyramid level, so callers (and tests) can check that level 0 was avoided.
+        self.read_counts: Counter = Counter()
+
+    # -- metadata ---------------------------------------------------------------------------------
+    @property
+    def properties(self):
+        return self._osr.properties
+
+    @property
+    def magnification(self) -> float:
+        return mpp_to_magnification(self.mpp)
+
+    def _resolve_mpp(self, override):
+        import openslide
+
+        if override is not None:
+            override = float(override)
+            if not override > 0:
+                raise SlideError(self.path, f"--mpp must be positive, got {override}")
+            return override, "override"
+        props = self._osr.properties
+        try:
+            mpp = float(props[openslide.PROPERTY_NAME_MPP_X])
+            if mpp > 0:
+                return mpp, "openslide.mpp-x"
+        except (KeyError, ValueError):
+            pass
+        unit = props.get("tiff.ResolutionUnit")
+        try:
+            xres = float(props["tiff.XResolution"])
+            um_per_unit = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
+            if um_per_unit and xres > 0 and _PLAUSIBLE_MPP[0] <= um_per_unit / xres <= _PLAUSIBLE_MPP[1]:
+                return um_per_unit / xres, "tiff.XResolution"
+        except (KeyError, ValueError):
+            pass
+        try:
+            power = float(props[openslide.PROPERTY_NAME_OBJECTIVE_POWER])
+            if power > 0:
+                return magnification_to_mpp(power), "openslide.objective-power"
+        except (KeyError, ValueError):
+            pass
+        raise MissingMppError(
+            self.path,
+            "resolution unknown: no microns-per-pixel (openslide.mpp-x), TIFF resolution or objective power "
+            "(openslide.objective-power) in the slide metadata; pass --mpp (0.25 for 40x, 0.5 for 20x)",
+        )
+
+    def __repr__(self):
+        return (f"WSI({str(self.path)!r}, dims={self.dimensions}, levels={self.level_count}, "
+                f"mpp={self.mpp:.4g} from {self.mpp_source})")
+
+    # -- level choice -----------------------------------------------------------------------------
+    def best_level_for_downsample(self, downsample: float, tol: float = 0.01) -> int:
+        """Coarsest level whose downsample does not exceed `downsample` (so reads shrink, never enlarge)."""
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + tol) and ds >= self.level_downsamples[best]:
+                best = level
+        return best
+
+    def best_level_for_mpp(self, target_mpp: float, tol: float = 0.01) -> int:
+        return self.best_level_for_downsample(target_mpp / self.mpp, tol)
+
+    def plan_read(self, patch_size: int, target_mpp: float, snap_tol: float = 0.02) -> ReadPlan:
+        """Which level and how many pixels to read for one `patch_size` patch at `target_mpp`.
+
+        A scale off by less than `snap_tol` (e.g. 0.499 vs 0.5 um/px) is read at `patch_size`
+        directly: a 0.2% size error is harmless, a 257 -> 256 resample only blurs.
+        """
+        level = self.best_level_for_mpp(target_mpp)
+        ds = self.level_downsamples[level]
+        exact = patch_size * target_mpp / (self.mpp * ds)
+        read_size = patch_size if abs(exact / patch_size - 1) <= snap_tol else max(1, round(exact))
+        return ReadPlan(level, ds, read_size, patch_size, max(1, round(read_size * ds)))
+
+    # -- reads ------------------------------------------------------------------------------------
+    def read_level_array(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of `size`=(w, h) pixels at `level`, top-left at level-0 (x0, y0).
+
+        Transparent pixels (outside the scanned area or the slide) become white, not black.
+        """
+        import openslide
+
+        try:
+            rgba = np.asarray(self._osr.read_region((int(x0), int(y0)), int(level), (int(size[0]), int(size[1]))))
+        except openslide.OpenSlideError as e:
+            raise SlideError(self.path, f"read failed at level {level}, ({x0}, {y0}) size {size}: "
+                                        f"corrupt or truncated slide (OpenSlide: {e})") from None
+        self.read_counts[int(level)] += 1
+        rgb = rgba[..., :3]
+        alpha = rgba[..., 3]
+        if alpha.min() < 255:
+            a = alpha[..., None].astype(np.uint16)
+            rgb = ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+        return np.ascontiguousarray(rgb)
+
+    def read_patch_array(self, x0: int, y0: int, plan: ReadPlan) -> np.ndarray:
+        """One patch as planned by `plan_read`: RGB uint8 (patch_size, patch_size, 3)."""
+        arr = self.read_level_array(x0, y0, plan.level, (plan.read_size, plan.read_size))
+        if plan.read_size != plan.patch_size:
+            arr = _resize(arr, (plan.patch_size, plan.patch_size))
+        return arr
+
+    def read_region_at(self, x0: int, y0: int, size_target_px, target_mpp: float) -> Image.Image:
+        """Region at level-0 (x0, y0) covering `size_target_px` pixels at `target_mpp`, as a PIL RGB image.
+
+        Reads the best level for `target_mpp` and resizes; square sizes follow `plan_read` exactly, so
+        the result equals what extraction feeds the model for a patch at the same coordinates.
+        """
+        if isinstance(size_target_px, (int, np.integer)):
+            return Image.fromarray(self.read_patch_array(x0, y0, self.plan_read(int(size_target_px), target_mpp)))
+        w, h = (int(v) for v in size_target_px)
+        level = self.best_level_for_mpp(target_mpp)
+        scale = target_mpp / (self.mpp * self.level_downsamples[level])
+        rw, rh = max(1, round(w * scale)), max(1, round(h * scale))
+        arr = self.read_level_array(x0, y0, level, (rw, rh))
+        if (rw, rh) != (w, h):
+            arr = _resize(arr, (w, h))
+        return Image.fromarray(arr)
+
+    def read_downsampled(self, downsample: float, max_pixels_per_read: int = 1 << 24) -> np.ndarray:
+        """The whole slide at `downsample` (level-0 px per output px) as RGB uint8.
+
+        Reads the best level in horizontal strips, so a huge single-level slide never needs its
+        full level in memory (OpenSlide's get_thumbnail reads the whole level at once).
+        """
+        W, H = self.dimensions
+        out_w, out_h = max(1, round(W / downsample)), max(1, round(H / downsample))
+        level = self.best_level_for_downsample(downsample)
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        if lw * lh <= max_pixels_per_read:
+            arr = self.read_level_array(0, 0, level, (lw, lh))
+            return _resize(arr, (out_w, out_h)) if (lw, lh) != (out_w, out_h) else arr
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        rows_per_strip = max(1, (max_pixels_per_read // lw) * out_h // lh)
+        for r0 in range(0, out_h, rows_per_strip):
+            r1 = min(out_h, r0 + rows_per_strip)
+            s0, s1 = round(r0 * lh / out_h), max(round(r1 * lh / out_h), round(r0 * lh / out_h) + 1)
+            strip = self.read_level_array(0, int(round(s0 * ds)), level, (lw, s1 - s0))
+            out[r0:r1] = _resize(strip, (out_w, r1 - r0))
+        return out
+
+    def thumbnail(self, max_size: int = 1024) -> Image.Image:
+        W, H = self.dimensions
+        return Image.fromarray(self.read_downsampled(max(1.0, max(W, H) / max_size)))
+
+    # -- lifetime ---------------------------------------------------------------------------------
+    def close(self):
+        if getattr(self, "_osr", None) is not None:
+            self._osr.close()
+            self._osr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):
+        # OpenSlide handles are not picklable or fork-safe: copies reopen the file themselves.
+        state = self.__dict__.copy()
+        state["_osr"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._osr = _open_openslide(self.path)
+
+
+def _resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize RGB uint8 to (w, h): area averaging when shrinking (no aliasing), bicubic when enlarging."""
+    import cv2
+
+    w, h = size
+    shrink = w * h < arr.shape[0] * arr.shape[1]
+    return cv2.resize(arr, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+
+
+def open_slide(path, mpp_override: float | None = None) -> WSI:
+    """Open a slide with OpenSlide. Raises `SlideError` (naming the file) for anything unusable."""
+    return WSI(path, mpp_override=mpp_override)
+
+
+def is_slide_file(path) -> bool:
+    return Path(path).suffix.lower() in SLIDE_EXTENSIONS
+
+
+__all__ = ["WSI", "ReadPlan", "open_slide", "is_slide_file", "SLIDE_EXTENSIONS", "mpp_to_magnification",
+           "magnification_to_mpp"]
