@@ -10,7 +10,8 @@ fixture does both:
 - patches the already-imported constants (and the module-level `HfApi`), so in-process calls such as
   `snapshot_download` or `mstar_hf.hub.push_folder` also talk to the local server and cache into the
   test's temp dir.
-The yielded server has `.env` (a full environment for `subprocess.run(..., env=server.env)`), `.token`,
+Options for `HubServer` can be given with
+`@pytest.mark.parametrize("hub_server", [{"lfs": False}], indirect=True)`. The yielded server has `.env` (a full environment for `subprocess.run(..., env=server.env)`), `.token`,
 `.user` and `.cache_dir`.
 """
 
@@ -27,8 +28,10 @@ from hub_server import DEFAULT_TOKEN, DEFAULT_USER, HubServer
 
 
 @pytest.fixture
-def hub_server(tmp_path, monkeypatch):
-    server = HubServer(tokens={DEFAULT_TOKEN: DEFAULT_USER}).start()
+def hub_server(request, tmp_path, monkeypatch):
+    # Extra HubServer options through indirect parametrization, e.g. {"lfs": False}.
+    options = getattr(request, "param", None) or {}
+    server = HubServer(tokens={DEFAULT_TOKEN: DEFAULT_USER}, **options).start()
     home = tmp_path / "hf_home"
     cache = home / "hub"
     cache.mkdir(parents=True)

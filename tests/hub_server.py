@@ -138,7 +138,9 @@ class HubServer:
         handler = type("BoundHubHandler", (_HubHandler,), {"hub": self})
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="local-hub", daemon=True)
+        # A short poll interval keeps shutdown (once per test) fast.
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                                        name="local-hub", daemon=True)
         self._thread.start()
         return self
 

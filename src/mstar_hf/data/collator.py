@@ -20,7 +20,6 @@ each epoch (with `persistent_workers=True` the workers keep their own copy: recr
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np

@@ -37,8 +37,6 @@ import math
 import os
 from collections.abc import Sequence
 
-import numpy as np
-
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("case_id", "slide_id", "cancer_type", "features_path")

@@ -98,6 +98,7 @@ class MStarProcessor(ProcessorMixin):
         self.max_length = int(max_length)
         self.log1p = bool(log1p)
         self.strict_reports = bool(strict_reports)
+        self._warned_blank: set = set()
         self.gene_processor = (
             GeneExpressionProcessor(self.gene_vocab, self.bin_edges, self.log1p) if self.gene_vocab else None
         )
@@ -154,7 +155,9 @@ class MStarProcessor(ProcessorMixin):
             if not text.strip():
                 if strict:
                     raise ValueError(f"report of case {case_id!r} is empty (whitespace only).")
-                logger.warning("Report of case %r is whitespace only: treated as missing.", case_id)
+                if case_id not in self._warned_blank:  # once per case, not every epoch
+                    self._warned_blank.add(case_id)
+                    logger.warning("Report of case %r is whitespace only: treated as missing.", case_id)
                 texts.append("")
                 present.append(False)
                 continue
@@ -171,11 +174,13 @@ class MStarProcessor(ProcessorMixin):
         if case_ids is not None and len(case_ids) != len(reports):
             raise ValueError(f"got {len(reports)} reports but {len(case_ids)} case ids.")
         texts, present = self.clean_reports(reports, case_ids, strict)
+        # Never exceed what the tokenizer (i.e. the text encoder's position table) allows.
+        limit = min(max_length or self.max_length, getattr(self.tokenizer, "model_max_length", None) or 10**9)
         encoded = self.tokenizer(
             texts,
             padding=padding,
             truncation=True,
-            max_length=max_length or self.max_length,
+            max_length=limit,
             return_token_type_ids=False,
             return_tensors=return_tensors,
         )

@@ -24,9 +24,12 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # log1p-space edges for RSEM-normalised values (TCGA "RSEM genes normalized" spans ~0..1e5, i.e.
 # log1p 0..~12; expressed genes mostly fall in 1..9). 7 edges -> 8 bins, bin 0 = zero expression.

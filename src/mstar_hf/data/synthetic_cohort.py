@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from itertools import zip_longest
 
 import numpy as np
@@ -170,7 +170,7 @@ def make_synthetic_cohort(
             (disjoint sets, stratified by type, so every case keeps at least two modalities).
         partial_gene_frac: share of RNA profiles that lack 5% of the vocabulary genes (masked genes).
         val_frac / test_frac: stratified split sizes (at least one case per type when a type has >= 3).
-        num_workers: processes painting slides (default: up to 2).
+        num_workers: threads painting slides (default: up to 2).
         quiet: no progress output.
     """
     import pandas as pd
@@ -215,19 +215,11 @@ def make_synthetic_cohort(
         params = slide_paint_params(k, rng)
         jobs.append((os.path.join(out_dir, "slides", f"{slide_ids[i]}.tiff"), height, width,
                      int(rng.integers(2**31)), mpp, params))
-    workers = num_workers if num_workers is not None else min(2, os.cpu_count() or 1, len(jobs))
-    if workers > 1:
-        # forkserver: workers start clean (forking a parent that runs torch threads can deadlock).
-        import multiprocessing
-
-        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method)) as pool:
-            for done, _ in enumerate(pool.map(_write_slide, jobs, chunksize=max(1, len(jobs) // (4 * workers))), 1):
-                if not quiet and (done % 10 == 0 or done == len(jobs)):
-                    print(f"slides: {done}/{len(jobs)}", flush=True)
-    else:
-        for done, job in enumerate(jobs, 1):
-            _write_slide(job)
+    # Threads, not processes: OpenCV, numpy and the TIFF encoder release the GIL for the bulk of
+    # the work, and worker processes would each pay the package import (torch) and fork risks.
+    workers = num_workers if num_workers is not None else min(2, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for done, _ in enumerate(pool.map(_write_slide, jobs), 1):
             if not quiet and (done % 10 == 0 or done == len(jobs)):
                 print(f"slides: {done}/{len(jobs)}", flush=True)
 

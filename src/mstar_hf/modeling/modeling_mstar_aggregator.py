@@ -82,8 +82,9 @@ class MStarNystromAttention(nn.Module):
         length = x.shape[1]
         group = length // m
         q, k, v = (t.unflatten(-1, (h, self.head_dim)).transpose(1, 2) for t in self.to_qkv(x).chunk(3, dim=-1))
-        q = q * self.scale
-        q_land = q.unflatten(2, (m, group)).mean(dim=3)  # [B, h, m, d]
+        del x
+        # the 1/sqrt(d) scale is applied to the landmarks and per query chunk, never to a full copy of q
+        q_land = q.unflatten(2, (m, group)).mean(dim=3) * self.scale  # [B, h, m, d]
         k_land = k.unflatten(2, (m, group)).mean(dim=3)
         attn2_inv = iterative_pinv((q_land @ k_land.transpose(-1, -2)).softmax(dim=-1), self.pinv_iterations)
 
@@ -100,16 +101,15 @@ class MStarNystromAttention(nn.Module):
             acc = acc * correction + p @ v[:, :, start : start + chunk]
             running_max = new_max
         context = attn2_inv @ (acc / denom)  # [B, h, m, d]
+        k_land_t = k_land.transpose(-1, -2) * self.scale
 
-        # softmax(q k_land^T) @ context, query chunk by query chunk; rows are independent
-        out = torch.cat(
-            [
-                (q[:, :, s : s + chunk] @ k_land.transpose(-1, -2)).softmax(dim=-1) @ context
-                for s in range(0, length, chunk)
-            ],
-            dim=2,
-        )
-        out = out + self.res_conv(v)
+        # residual conv of the values, then softmax(q k_land^T) @ context added query chunk by query chunk
+        # (rows are independent), into one buffer instead of a list of chunks and a concatenation
+        out = self.res_conv(v)
+        del k, v
+        for s in range(0, length, chunk):
+            out[:, :, s : s + chunk] += (q[:, :, s : s + chunk] @ k_land_t).softmax(dim=-1) @ context
+        del q
         out = self.to_out(out.transpose(1, 2).flatten(2))
         return out[:, -n:]
 
@@ -123,7 +123,10 @@ class MStarTransLayer(GradientCheckpointingLayer):
         self.attn = MStarNystromAttention(config)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states + self.attn(self.norm(hidden_states))
+        update = self.attn(self.norm(hidden_states))
+        if torch.is_grad_enabled():
+            return hidden_states + update
+        return hidden_states.add_(update)  # inference: no graph to keep, reuse the buffer
 
 
 class MStarPPEG(nn.Module):
@@ -141,9 +144,9 @@ class MStarPPEG(nn.Module):
     def forward(self, hidden_states: torch.Tensor, side: int) -> torch.Tensor:
         cls_token, tokens = hidden_states[:, :1], hidden_states[:, 1:]
         grid = tokens.transpose(1, 2).unflatten(2, (side, side))
-        out = grid
+        out = grid.clone()
         for i in range(self.num_convs):
-            out = out + getattr(self, "proj" if i == 0 else f"proj{i}")(grid)
+            out += getattr(self, "proj" if i == 0 else f"proj{i}")(grid)
         return torch.cat([cls_token, out.flatten(2).transpose(1, 2)], dim=1)
 
 
@@ -230,8 +233,8 @@ class MStarSlideAggregator(MStarSlideAggregatorPreTrainedModel):
         n = hidden.shape[1]
         side = math.isqrt(n)
         side += side * side < n
-        hidden = torch.cat([hidden, hidden[:, : side * side - n]], dim=1)
-        hidden = torch.cat([self.cls_token.expand(hidden.shape[0], -1, -1).to(hidden.dtype), hidden], dim=1)
+        cls_token = self.cls_token.expand(hidden.shape[0], -1, -1).to(hidden.dtype)
+        hidden = torch.cat([cls_token, hidden, hidden[:, : side * side - n]], dim=1)
         hidden = self.layers[0](hidden)
         hidden = self.ppeg(hidden, side)
         hidden = self.layers[1](hidden)

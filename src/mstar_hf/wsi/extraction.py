@@ -38,7 +38,8 @@ class PatchTransform:
     """
 
     def __init__(self, image_processor=None):
-        from transformers.image_utils import pil_torch_interpolation_mapping
+        from torchvision.transforms import InterpolationMode
+        from transformers.image_utils import PILImageResampling, pil_torch_interpolation_mapping
 
         p = image_processor
 
@@ -51,13 +52,9 @@ class PatchTransform:
         self.size = (size_get("height"), size_get("width")) if size_get("height") else None
         self.shortest_edge = size_get("shortest_edge")
         self.do_resize = bool(get("do_resize", True))
-        resample = get("resample", 2)
-        self.interpolation = pil_torch_interpolation_mapping.get(resample, resample) if not hasattr(
-            resample, "value") or isinstance(resample, int) else resample
-        if isinstance(self.interpolation, int):  # a bare PIL resample code
-            from PIL.Image import Resampling
-
-            self.interpolation = pil_torch_interpolation_mapping[Resampling(self.interpolation)]
+        resample = get("resample", PILImageResampling.BILINEAR)
+        self.interpolation = resample if isinstance(resample, InterpolationMode) else \
+            pil_torch_interpolation_mapping[PILImageResampling(int(resample))]
         crop = get("crop_size")
         self.crop = None
         if get("do_center_crop", False) and crop is not None:
@@ -292,10 +289,8 @@ def extract_slide_features(
         model.eval()
         transform = PatchTransform(image_processor)
         in_workers = dev.type == "cpu"
-        dataset = PatchDataset(wsi.path, coords, plan, transform, mpp_override=wsi.mpp if own or mpp_override
-                               else mpp_override, normalize=in_workers)
-        # Workers reopen the slide with the resolution the caller resolved (override or metadata).
-        dataset.mpp_override = wsi.mpp
+        # Workers reopen the slide with the resolution resolved here (metadata or override).
+        dataset = PatchDataset(wsi.path, coords, plan, transform, mpp_override=wsi.mpp, normalize=in_workers)
         loader = make_patch_loader(dataset, batch_size, num_workers, pin_memory=dev.type == "cuda")
         feats = _run_model(model, loader, len(coords), dev, transform, in_workers, precision, progress,
                            desc=wsi.path.name)
@@ -408,12 +403,11 @@ def extract_features(
                 "min_tissue": float(min_tissue)}
 
     # Output names must be unique across the whole list (same on every rank, so no rank collides).
-    stems: dict[str, int] = {}
-    owner = []
+    seen: set[str] = set()
+    duplicate = []
     for s in specs:
-        stem = s.path.stem
-        owner.append(stem not in stems)
-        stems.setdefault(stem, 0)
+        duplicate.append(s.path.stem in seen)
+        seen.add(s.path.stem)
     mine = list(range(rank, len(specs), world))
 
     rank_failures = out_dir / (f".failures.rank{rank}.csv" if world > 1 else ".failures.partial.csv")
@@ -444,7 +438,7 @@ def extract_features(
         for i in bar:
             spec = specs[i]
             out_h5 = out_dir / f"{spec.path.stem}.h5"
-            if not owner[i]:
+            if duplicate[i]:
                 record(spec.path, f"{spec.path}: another slide in the list has the same name; its features would "
                                   f"overwrite {out_h5.name}", "SlideError")
                 continue
@@ -471,7 +465,7 @@ def extract_features(
                                       grid.patch_size_level0, title=_qc_title(spec.path, grid))
                 done += 1
                 patches += len(coords)
-            except (SlideError, OSError, RuntimeError, ValueError) as e:
+            except Exception as e:  # batch mode: record the slide, keep going with the others
                 tmp_path_for(out_h5).unlink(missing_ok=True)
                 record(spec.path, e)
             bar.set_postfix(done=done, skipped=skipped, failed=len(failures))
