@@ -1,0 +1,230 @@
+"""Pieces every `training/*.py` script shares, in the style of transformers' `run_*_no_trainer.py`:
+common arguments, the `Accelerator`, checkpoints with `save_state` + resume, the loss log and its
+PNG, `training_args.json`, and `--push_to_hub`.
+"""
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class CommonTrainingArguments:
+    """Arguments shared by the training scripts (HfArgumentParser turns each field into a flag)."""
+
+    output_dir: str = field(metadata={"help": "Where checkpoints, logs and the final model go."})
+    seed: int = field(default=0, metadata={"help": "Seed of every random choice (data order, sampling, init)."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    adam_beta1: float = field(default=0.9)
+    adam_beta2: float = field(default=0.999)
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 disables)."})
+    max_train_steps: int = field(default=100, metadata={"help": "Optimizer steps to train for."})
+    per_device_train_batch_size: int = field(default=8)
+    per_device_eval_batch_size: int = field(default=16)
+    gradient_accumulation_steps: int = field(default=1)
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name."})
+    num_warmup_steps: int = field(default=0)
+    checkpointing_steps: int = field(default=0, metadata={"help": "save_state every N steps (0: only at the end)."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint-N folder, or 'latest' for the newest under output_dir."}
+    )
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
+    logging_steps: int = field(default=1)
+    with_tracking: bool = field(default=True, metadata={"help": "Log to the trackers in report_to."})
+    report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker(s): tensorboard, wandb, all."})
+    gradient_checkpointing: bool = field(default=False)
+    dataloader_num_workers: int = field(default=0)
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the final model folder to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Repo id for --push_to_hub."})
+    hub_private_repo: bool = field(default=False)
+    quiet: bool = field(default=False, metadata={"help": "No progress bars."})
+
+
+def make_accelerator(args: CommonTrainingArguments, project_name: str):
+    """An `Accelerator` with trackers under `output_dir/runs`; DeepSpeed/mixed precision come from
+    `accelerate launch` (or its config file), as in the transformers examples."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "runs"))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to if args.with_tracking else None,
+        project_config=project,
+    )
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    if args.with_tracking:
+        config = {k: v for k, v in asdict(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(project_name, config)
+    return accelerator
+
+
+def is_deepspeed(accelerator) -> bool:
+    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
+
+
+def find_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> Path | None:
+    """Resolves `--resume_from_checkpoint` ('latest' picks the highest checkpoint-N in output_dir)."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        found = sorted(
+            (int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*") if (m := CHECKPOINT_PATTERN.match(p.name))
+        )
+        if not found:
+            logger.warning("no checkpoint under %s: starting from scratch", output_dir)
+            return None
+        return found[-1][1]
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {path}: no such checkpoint folder.")
+    return path
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint was written at (its trainer_state.json, else its name)."""
+    state = path / "trainer_state.json"
+    if state.is_file():
+        return int(json.loads(state.read_text())["step"])
+    match = CHECKPOINT_PATTERN.match(path.name)
+    if not match:
+        raise ValueError(f"{path}: not a checkpoint-N folder and no trainer_state.json.")
+    return int(match.group(1))
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, extra: dict | None = None) -> Path:
+    """`accelerator.save_state` into checkpoint-{step}, written under a temporary name and renamed when
+    complete, so a kill mid-save never leaves a checkpoint that looks whole."""
+    final = Path(output_dir) / f"checkpoint-{step}"
+    tmp = Path(output_dir) / f".tmp-checkpoint-{step}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+class LossLog:
+    """Per-step losses in `output_dir/loss_log.jsonl` (append-only, so resumed runs continue it) and a
+    PNG of the curves."""
+
+    def __init__(self, output_dir: str, enabled: bool = True, resume_step: int | None = None):
+        self.path = Path(output_dir) / "loss_log.jsonl"
+        self.enabled = enabled
+        if enabled and resume_step is not None and self.path.is_file():
+            # drop records past the checkpoint: they are about to be recomputed
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif enabled and resume_step is None and self.path.is_file():
+            self.path.unlink()
+
+    def log(self, step: int, **values):
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+
+    def records(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def plot(self, png_path: str | Path, title: str = "training loss") -> Path | None:
+        records = self.records()
+        if not self.enabled or not records:
+            return None
+        return plot_curves(records, png_path, title)
+
+
+def plot_curves(records: list[dict], png_path: str | Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for r in records for k in r if k != "step"})
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+        if points:
+            ax.plot(*zip(*points), label=key, linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return Path(png_path)
+
+
+def write_training_args(output_dir: str | Path, *arg_objects, extra: dict | None = None) -> Path:
+    """`training_args.json` (read by the model card renderer)."""
+    merged = {}
+    for obj in arg_objects:
+        merged.update({k: v for k, v in asdict(obj).items() if "token" not in k.lower()})
+    merged.update(extra or {})
+    path = Path(output_dir) / "training_args.json"
+    path.write_text(json.dumps(merged, indent=2, default=str))
+    return path
+
+
+def write_eval_results(output_dir: str | Path, results: list[dict]) -> Path:
+    """`eval_results.json`: [{"task", "metric", "name", "value", "dataset"}], for the card's model-index."""
+    path = Path(output_dir) / "eval_results.json"
+    path.write_text(json.dumps(results, indent=2))
+    return path
+
+
+def push_to_hub(folder: str | Path, args: CommonTrainingArguments, commit_message: str):
+    from ..hub import push_folder
+
+    if not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/mstar-stage1).")
+    return push_folder(folder, args.hub_model_id, private=args.hub_private_repo, commit_message=commit_message)
+
+
+def build_optimizer(model, args: CommonTrainingArguments, params=None):
+    """AdamW without decay on biases and norms (the usual transformers grouping)."""
+    import torch
+
+    named = [(n, p) for n, p in (params if params is not None else model.named_parameters()) if p.requires_grad]
+    no_decay = [p for n, p in named if p.ndim < 2 or "norm" in n.lower() or n.endswith("logit_scale")]
+    decay = [p for n, p in named if not (p.ndim < 2 or "norm" in n.lower() or n.endswith("logit_scale"))]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+
+
+__all__ = [
+    "CommonTrainingArguments",
+    "LossLog",
+    "build_optimizer",
+    "checkpoint_step",
+    "find_checkpoint",
+    "is_deepspeed",
+    "make_accelerator",
+    "plot_curves",
+    "push_to_hub",
+    "save_checkpoint",
+    "write_eval_results",
+    "write_training_args",
+]
