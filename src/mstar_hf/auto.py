@@ -6,7 +6,9 @@ Two routes to the same classes: the local registry (`AutoModel.from_pretrained` 
 `trust_remote_code=True` where the package is not installed.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
+
+from .data.processing_mstar import MStarProcessor
 
 from .modeling import (
     MStarConfig,
@@ -40,4 +42,6 @@ def register_auto_classes() -> None:
     AutoImageProcessor.register(MStarPatchConfig, image_processor_classes={"torchvision": MStarImageProcessor}, exist_ok=True)
     AutoImageProcessor.register(MStarConfig, image_processor_classes={"torchvision": MStarImageProcessor}, exist_ok=True)
     MStarImageProcessor.register_for_auto_class("AutoImageProcessor")
+    AutoProcessor.register(MStarConfig, MStarProcessor, exist_ok=True)
+    MStarProcessor.register_for_auto_class("AutoProcessor")
     _REGISTERED = True
