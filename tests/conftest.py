@@ -28,3 +28,27 @@ def tiny_config():
     from mstar_hf.presets import mstar_config
 
     return mstar_config("tiny", num_genes=40, vocab_size=100)
+
+
+@pytest.fixture(scope="session")
+def synthetic_cohort(tmp_path_factory):
+    """A small synthetic multimodal cohort (3 types x 10 cases) with patch features extracted by a
+    tiny patch encoder saved beside it. Shared by the Stage 1 / Stage 2 / pipeline tests."""
+    from mstar_hf import MStarImageProcessor, MStarPatchModel
+    from mstar_hf.data import make_synthetic_cohort
+    from mstar_hf.presets import patch_config
+    from mstar_hf.wsi.extraction import extract_features
+
+    root = tmp_path_factory.mktemp("cohort")
+    manifest = make_synthetic_cohort(root, num_types=3, cases_per_type=10, seed=0, slide_size=(1280, 1280),
+                                     num_genes=64, quiet=True)
+    torch.manual_seed(0)
+    patch_model = MStarPatchModel(patch_config("tiny")).eval()
+    patch_dir = root / "patch_model"
+    patch_model.save_pretrained(patch_dir)
+    MStarImageProcessor().save_pretrained(patch_dir)
+    slides = sorted((root / "slides").glob("*.tiff"))
+    summary = extract_features(slides, root / "features", patch_model, MStarImageProcessor(), batch_size=64,
+                               num_workers=1, quiet=True, qc=False)
+    assert summary["failed"] == 0, summary
+    return {"root": root, "manifest": Path(manifest), "patch_model": patch_dir}

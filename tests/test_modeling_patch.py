@@ -14,7 +14,9 @@ from mstar_hf.presets import patch_config
 
 def test_init_is_timms_and_outputs_are_the_class_token():
     torch.manual_seed(0)
-    model = MStarPatchModel(patch_config("tiny")).eval()
+    config = MStarPatchConfig(architecture="vit_tiny_patch16_224", timm_kwargs={
+        "depth": 2, "embed_dim": 64, "num_heads": 2, "init_values": 1e-5, "dynamic_img_size": True})
+    model = MStarPatchModel(config).eval()
     torch.manual_seed(0)
     reference = timm.create_model("vit_tiny_patch16_224", num_classes=0, depth=2, embed_dim=64, num_heads=2,
                                   init_values=1e-5, dynamic_img_size=True).eval()

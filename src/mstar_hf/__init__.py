@@ -11,5 +11,7 @@ from .modeling import *  # noqa: F401,F403
 from .modeling import __all__ as _modeling_all
 
 register_auto_classes()
+from .pipelines import register_pipelines  # noqa: E402
+register_pipelines()
 
 __all__ = ["register_auto_classes", "__version__", *_modeling_all]

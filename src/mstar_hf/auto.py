@@ -6,20 +6,33 @@ Two routes to the same classes: the local registry (`AutoModel.from_pretrained` 
 `trust_remote_code=True` where the package is not installed.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoModelForSequenceClassification,
+    AutoProcessor,
+)
 
 from .data.processing_mstar import MStarProcessor
 
 from .modeling import (
     MStarConfig,
+    MStarForReportGeneration,
+    MStarForSlideClassification,
+    MStarForSurvivalPrediction,
     MStarGeneConfig,
     MStarGeneEncoder,
     MStarImageProcessor,
     MStarModel,
     MStarPatchConfig,
     MStarPatchModel,
+    MStarReportGenerationConfig,
     MStarSlideAggregator,
     MStarSlideAggregatorConfig,
+    MStarSlideClassificationConfig,
+    MStarSurvivalConfig,
 )
 
 _REGISTERED = False
@@ -34,13 +47,25 @@ def register_auto_classes() -> None:
         (MStarSlideAggregatorConfig, MStarSlideAggregator),
         (MStarGeneConfig, MStarGeneEncoder),
         (MStarConfig, MStarModel),
+        (MStarSurvivalConfig, MStarForSurvivalPrediction),
+        (MStarReportGenerationConfig, MStarForReportGeneration),
     ):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModel.register(config_class, model_class, exist_ok=True)
         config_class.register_for_auto_class()
         model_class.register_for_auto_class("AutoModel")
+    # a slide is a sequence of patch features: the classifier is a sequence classifier
+    AutoConfig.register(MStarSlideClassificationConfig.model_type, MStarSlideClassificationConfig, exist_ok=True)
+    AutoModelForSequenceClassification.register(MStarSlideClassificationConfig, MStarForSlideClassification, exist_ok=True)
+    MStarSlideClassificationConfig.register_for_auto_class()
+    MStarForSlideClassification.register_for_auto_class("AutoModelForSequenceClassification")
     AutoImageProcessor.register(MStarPatchConfig, image_processor_classes={"torchvision": MStarImageProcessor}, exist_ok=True)
     AutoImageProcessor.register(MStarConfig, image_processor_classes={"torchvision": MStarImageProcessor}, exist_ok=True)
+    # the report generator: a slide (image) to text model; its image processor serves the patch encoder it may carry
+    AutoModelForImageTextToText.register(MStarReportGenerationConfig, MStarForReportGeneration, exist_ok=True)
+    AutoImageProcessor.register(
+        MStarReportGenerationConfig, image_processor_classes={"torchvision": MStarImageProcessor}, exist_ok=True
+    )
     MStarImageProcessor.register_for_auto_class("AutoImageProcessor")
     AutoProcessor.register(MStarConfig, MStarProcessor, exist_ok=True)
     MStarProcessor.register_for_auto_class("AutoProcessor")

@@ -9,15 +9,19 @@ from transformers import BertConfig, PreTrainedConfig
 
 from .modeling import MStarConfig, MStarGeneConfig, MStarPatchConfig, MStarSlideAggregatorConfig
 
+# The small presets start LayerScale at 1.0 instead of 1e-5: with random weights (no UNI checkpoint can
+# be downloaded) a 1e-5 LayerScale makes every block a no-op, so the class token would not depend on
+# the image at all; at 1.0 a random ViT is a random-feature encoder whose output carries colour and
+# texture, which is what the synthetic cohorts need. The `base` preset keeps the paper's 1e-5.
 PATCH = {
     "base": dict(architecture="vit_large_patch16_224", timm_kwargs={"init_values": 1e-5, "dynamic_img_size": True}),
     "small": dict(
         architecture="vit_small_patch16_224",
-        timm_kwargs={"depth": 4, "embed_dim": 192, "num_heads": 3, "init_values": 1e-5, "dynamic_img_size": True},
+        timm_kwargs={"depth": 4, "embed_dim": 192, "num_heads": 3, "init_values": 1.0, "dynamic_img_size": True},
     ),
     "tiny": dict(
         architecture="vit_tiny_patch16_224",
-        timm_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2, "init_values": 1e-5, "dynamic_img_size": True},
+        timm_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2, "init_values": 1.0, "dynamic_img_size": True},
     ),
 }
 WIDTH = {"base": 1024, "small": 192, "tiny": 64}

@@ -23,3 +23,25 @@ __all__ = [
     "symmetric_info_nce",
     "config_hash",
 ]
+
+from .configuration_mstar_downstream import MStarSlideClassificationConfig, MStarSurvivalConfig
+from .modeling_mstar_downstream import (
+    MStarForSlideClassification,
+    MStarForSurvivalPrediction,
+    SlideClassifierOutput,
+    SurvivalOutput,
+)
+
+__all__ += [
+    "MStarSlideClassificationConfig",
+    "MStarSurvivalConfig",
+    "MStarForSlideClassification",
+    "MStarForSurvivalPrediction",
+    "SlideClassifierOutput",
+    "SurvivalOutput",
+]
+
+from .configuration_mstar_report import MStarReportGenerationConfig
+from .modeling_mstar_report import MStarForReportGeneration, MStarReportGenerationOutput, build_report_labels
+
+__all__ += ["MStarReportGenerationConfig", "MStarForReportGeneration", "MStarReportGenerationOutput", "build_report_labels"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -158,33 +158,41 @@ class MStarModel(MStarPreTrainedModel):
         self.text_projection = nn.Linear(config.text_config.hidden_size, dim, bias=False)
         self.rna_projection = nn.Linear(config.gene_config.hidden_size, dim, bias=False)
         self.patch_projection = nn.Linear(config.patch_config.hidden_size, agg_width)
-        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        # shape [1], not a 0-d scalar: DeepSpeed's parameter broadcast cannot view 0-d tensors as bytes
+        self.logit_scale = nn.Parameter(torch.tensor([config.logit_scale_init_value]))
         self.post_init()
 
     # ----- building from parts -----
     @classmethod
     def from_submodels(
         cls,
-        patch: MStarPatchModel | str | None = None,
-        aggregator: MStarSlideAggregator | str | None = None,
-        text: PreTrainedModel | str | None = None,
-        rna: MStarGeneEncoder | str | None = None,
+        patch: MStarPatchModel | MStarPatchConfig | str | None = None,
+        aggregator: MStarSlideAggregator | MStarSlideAggregatorConfig | str | None = None,
+        text: PreTrainedModel | PreTrainedConfig | str | None = None,
+        rna: MStarGeneEncoder | MStarGeneConfig | str | None = None,
         **config_kwargs,
     ) -> "MStarModel":
-        """Assembles an `MStarModel` from sub-models (instances or `save_pretrained` paths / Hub ids), like
-        `VisionTextDualEncoderModel.from_vision_text_pretrained`. Parts left as None start from their default
-        config with random weights; projections are new. `config_kwargs` go to `MStarConfig`."""
+        """Assembles an `MStarModel` from sub-models, like `VisionTextDualEncoderModel.from_vision_text_pretrained`.
+
+        Each part is a model instance or a `save_pretrained` path / Hub id (its weights are copied), a
+        config (fresh weights of that shape), or None (the default config, fresh weights). The
+        projections are new. `config_kwargs` go to `MStarConfig`.
+        """
+        parts = {"patch": patch, "aggregator": aggregator, "text": text, "rna": rna}
+        loaders = {"patch": MStarPatchModel, "aggregator": MStarSlideAggregator, "text": AutoModel, "rna": MStarGeneEncoder}
         loaded = {
-            "patch": _load_part(patch, MStarPatchModel),
-            "aggregator": _load_part(aggregator, MStarSlideAggregator),
-            "text": _load_part(text, AutoModel),
-            "rna": _load_part(rna, MStarGeneEncoder),
+            name: None if part is None or isinstance(part, PreTrainedConfig) else _load_part(part, loaders[name])
+            for name, part in parts.items()
+        }
+        configs = {
+            name: loaded[name].config if loaded[name] is not None else parts[name]  # config or None
+            for name in parts
         }
         config = MStarConfig(
-            patch_config=loaded["patch"].config if loaded["patch"] is not None else MStarPatchConfig(),
-            aggregator_config=loaded["aggregator"].config if loaded["aggregator"] is not None else MStarSlideAggregatorConfig(),
-            text_config=loaded["text"].config if loaded["text"] is not None else None,
-            gene_config=loaded["rna"].config if loaded["rna"] is not None else MStarGeneConfig(),
+            patch_config=configs["patch"] or MStarPatchConfig(),
+            aggregator_config=configs["aggregator"] or MStarSlideAggregatorConfig(),
+            text_config=configs["text"],
+            gene_config=configs["rna"] or MStarGeneConfig(),
             **config_kwargs,
         )
         model = cls(config)
@@ -315,7 +323,7 @@ class MStarModel(MStarPreTrainedModel):
                 out = out.index_copy(0, rows, encoders[name](rows).to(dtype))
             embeds[name] = out
 
-        scale = self.logit_scale.clamp(max=4.6052).exp()  # CLIP's clamp at 100
+        scale = self.logit_scale.clamp(max=4.6052).exp()[0]  # CLIP's clamp at 100
         logits, pair_losses = {}, {}
         for a, b in PAIRS:
             logits[f"{a}_{b}"] = scale * embeds[a] @ embeds[b].T

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .errors import SlideError
 from .features import read_attrs, tmp_path_for, write_features
@@ -68,6 +68,19 @@ class PatchTransform:
         if self.do_rescale and self.do_normalize:  # (x / 255 - m) / s == (x - 255 m) / (255 s)
             mean, std = mean / self.rescale_factor, std / self.rescale_factor
         self.mean, self.std = mean, std
+        self._on_device: dict = {}
+
+    def _stats(self, device):
+        # Cached per device: no host-to-device copy of mean/std for every batch.
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = (self.mean.to(device), self.std.to(device))
+        return self._on_device[key]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_on_device"] = {}
+        return state
 
     def output_size(self, patch_size: int) -> tuple[int, int]:
         h = w = patch_size
@@ -94,7 +107,8 @@ class PatchTransform:
         """uint8 (B, 3, H, W) on any device -> float32 model input."""
         x = x.to(torch.float32)
         if self.do_normalize:
-            return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+            mean, std = self._stats(x.device)
+            return x.sub_(mean).div_(std)
         if self.do_rescale:
             return x.mul_(self.rescale_factor)
         return x
@@ -114,15 +128,16 @@ class PatchDataset(Dataset):
     """
 
     def __init__(self, slide_path, coords: np.ndarray, plan: ReadPlan, transform: PatchTransform | None = None,
-                 mpp_override: float | None = None, normalize: bool = False):
+                 mpp_override: float | None = None, normalize: bool = False, wsi: WSI | None = None):
         self.slide_path = Path(slide_path)
         self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         self.plan = plan
         self.transform = transform
         self.mpp_override = mpp_override
         self.normalize = normalize
-        self._wsi: WSI | None = None
-        self._pid = None
+        # An open handle is reused only in the process that opened it (num_workers=0).
+        self._wsi: WSI | None = wsi
+        self._pid = os.getpid() if wsi is not None else None
 
     def _slide(self) -> WSI:
         # A handle inherited through fork is not safe to use: reopen in every new process.
@@ -140,32 +155,57 @@ class PatchDataset(Dataset):
     def __len__(self):
         return len(self.coords)
 
-    def __getitem__(self, i):
+    def _resized(self, i) -> torch.Tensor:
         x0, y0 = self.coords[i]
         arr = self._slide().read_patch_array(int(x0), int(y0), self.plan)
         x = torch.from_numpy(arr).permute(2, 0, 1)
-        if self.transform is not None:
-            x = self.transform.resize(x)
-            if self.normalize:
-                x = self.transform.normalize(x[None])[0]
+        return self.transform.resize(x) if self.transform is not None else x
+
+    def __getitem__(self, i):
+        x = self._resized(i)
+        if self.transform is not None and self.normalize:
+            x = self.transform.normalize(x[None])[0]
         return x.contiguous()
+
+    def __getitems__(self, indices) -> torch.Tensor:
+        """A whole batch, written patch by patch into one tensor (the DataLoader calls this).
+
+        In a worker the tensor is allocated in shared memory up front, so handing it to the main
+        process copies nothing, and each patch is normalised while it is still in cache.
+        """
+        h, w = self.transform.output_size(self.plan.patch_size) if self.transform else (self.plan.patch_size,) * 2
+        as_float = self.transform is not None and self.normalize
+        batch = torch.empty((len(indices), 3, h, w), dtype=torch.float32 if as_float else torch.uint8)
+        if get_worker_info() is not None:
+            batch.share_memory_()
+        if as_float:
+            mean, std = self.transform.mean[0], self.transform.std[0]
+        for j, i in enumerate(indices):
+            batch[j].copy_(self._resized(i))
+            if as_float:
+                if self.transform.do_normalize:
+                    batch[j].sub_(mean).div_(std)
+                elif self.transform.do_rescale:
+                    batch[j].mul_(self.transform.rescale_factor)
+        return batch
 
 
 def _worker_init(_):
     # One thread per reader: the compute threads belong to the main process.
+    # (No cv2.setNumThreads here: touching OpenCV's pool inherited through fork can deadlock.)
     torch.set_num_threads(1)
-    try:
-        import cv2
 
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass
+
+def _batch_passthrough(batch):
+    # `PatchDataset.__getitems__` already returns the stacked batch.
+    return batch
 
 
 def make_patch_loader(dataset: PatchDataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
+        collate_fn=_batch_passthrough,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=pin_memory,
@@ -203,6 +243,16 @@ def _pooled(output) -> torch.Tensor:
     if pooled is None:
         pooled = output[1] if isinstance(output, tuple) else output.last_hidden_state[:, 0]
     return pooled
+
+
+def _worker_message(exc: Exception) -> str:
+    """The original message of an exception re-raised from a DataLoader worker (drops the traceback)."""
+    msg = str(exc)
+    if "Original Traceback" not in msg:
+        return msg
+    last = [line for line in msg.strip().splitlines() if line.strip()][-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
 
 
 def encoder_identity(model) -> dict:
@@ -290,10 +340,14 @@ def extract_slide_features(
         transform = PatchTransform(image_processor)
         in_workers = dev.type == "cpu"
         # Workers reopen the slide with the resolution resolved here (metadata or override).
-        dataset = PatchDataset(wsi.path, coords, plan, transform, mpp_override=wsi.mpp, normalize=in_workers)
+        dataset = PatchDataset(wsi.path, coords, plan, transform, mpp_override=wsi.mpp, normalize=in_workers,
+                               wsi=wsi)
         loader = make_patch_loader(dataset, batch_size, num_workers, pin_memory=dev.type == "cuda")
-        feats = _run_model(model, loader, len(coords), dev, transform, in_workers, precision, progress,
-                           desc=wsi.path.name)
+        try:
+            feats = _run_model(model, loader, len(coords), dev, transform, in_workers, precision, progress,
+                               desc=wsi.path.name)
+        except SlideError as e:
+            raise type(e)(_worker_message(e)) from None
         if feats.shape[0] != len(coords):
             raise SlideError(wsi.path, f"extracted {feats.shape[0]} features for {len(coords)} patches")
         return (coords, feats, grid) if return_grid else (coords, feats)
@@ -322,8 +376,6 @@ def _as_spec(item) -> SlideSpec:
 
 
 FAILURE_FIELDS = ["slide", "error", "reason"]
-# Settings that make an existing feature file reusable on resume.
-_RESUME_KEYS = ("encoder_config_hash", "patch_size", "target_mpp", "overlap", "min_tissue")
 
 
 def check_writable_dir(out_dir) -> Path:
@@ -340,18 +392,18 @@ def check_writable_dir(out_dir) -> Path:
 
 
 def _dist_state():
-    """(rank, world_size, barrier) from Accelerate when launched with several processes."""
+    """(rank, world_size, barrier, device) from Accelerate when launched with several processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, (lambda: None)
+        return 0, 1, (lambda: None), None
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    return state.process_index, state.num_processes, state.wait_for_everyone
+    return state.process_index, state.num_processes, state.wait_for_everyone, state.device
 
 
-def _default_threads(num_workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) - num_workers)
+def _default_threads(num_workers: int, world: int = 1) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, world) - num_workers)
 
 
 def extract_features(
@@ -377,7 +429,8 @@ def extract_features(
 ) -> dict:
     """Extract features for many slides into `out_dir/<slide stem>.h5` (+ `out_dir/qc/<stem>.png`).
 
-    A slide whose file exists with the same settings is skipped (`resume`); a failing slide is
+    `slides`: paths, or `SlideSpec(path, mpp)` whose mpp overrides that slide's metadata; `mpp` is
+    the resolution of slides whose metadata have none. A slide whose file exists with the same settings is skipped (`resume`); a failing slide is
     recorded in `out_dir/failures.csv` and the others continue. Under `accelerate launch` or
     `torchrun`, process r takes slides[r::world_size] and rank 0 merges failures and the summary.
     On CPU, `num_threads` (default: cores minus reader workers) bounds the compute threads so the
@@ -389,18 +442,19 @@ def extract_features(
     from .qc import save_qc_image
 
     out_dir = check_writable_dir(out_dir)
-    rank, world, barrier = _dist_state()
+    rank, world, barrier, dist_device = _dist_state()
     specs = [_as_spec(s) for s in slides]
-    dev = resolve_device(device)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    # Several processes on GPUs: each uses the GPU Accelerate gave it (one per local rank).
+    dev = dist_device if device is None and dist_device is not None else resolve_device(device)
     prev_threads = torch.get_num_threads()
     if dev.type == "cpu":
-        torch.set_num_threads(num_threads or _default_threads(num_workers))
+        torch.set_num_threads(num_threads or _default_threads(num_workers, world))
     model.to(dev).eval()
     ident = encoder_identity(model)
-    settings = {"patch_size": int(patch_size), "target_mpp": float(target_mpp), "overlap": int(overlap),
-                "min_tissue": float(min_tissue)}
+    # An existing feature file is reused on resume only if it was made with these settings.
+    reusable_if = {"patch_size": int(patch_size), "target_mpp": float(target_mpp), "overlap": int(overlap),
+                   "min_tissue": float(min_tissue), "encoder_config_hash": ident["encoder_config_hash"],
+                   "precision": precision}
 
     # Output names must be unique across the whole list (same on every rank, so no rank collides).
     seen: set[str] = set()
@@ -444,13 +498,12 @@ def extract_features(
                 continue
             if resume:
                 attrs = read_attrs(out_h5) if out_h5.exists() else None
-                if attrs is not None and all(_same(attrs.get(k), v) for k, v in
-                                             {**settings, "encoder_config_hash": ident["encoder_config_hash"]}.items()):
+                if attrs is not None and all(_same(attrs.get(k), v) for k, v in reusable_if.items()):
                     skipped += 1
                     continue
             try:
                 t0 = time.perf_counter()
-                with open_slide(spec.path, mpp_override=spec.mpp if spec.mpp is not None else mpp) as wsi:
+                with open_slide(spec.path, mpp_override=spec.mpp, default_mpp=mpp) as wsi:
                     coords, feats, grid = extract_slide_features(
                         wsi, model, image_processor, batch_size=batch_size, num_workers=num_workers,
                         precision=precision, device=dev, progress=not quiet and rank == 0,

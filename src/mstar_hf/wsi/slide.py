@@ -52,6 +52,11 @@ def _open_openslide(path: Path):
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            raise SlideError(path, "a TIFF file OpenSlide cannot read: truncated, corrupt, or not a tiled "
+                                   "(pyramidal) slide") from None
         raise SlideError(path, "not a whole-slide image in a format OpenSlide can read") from None
     except openslide.OpenSlideError as e:
         raise SlideError(path, f"corrupt or truncated slide file (OpenSlide: {e})") from None
@@ -60,7 +65,7 @@ def _open_openslide(path: Path):
 class WSI:
     """An open whole-slide image. Use `open_slide(path, mpp_override)`; close it (or use `with`)."""
 
-    def __init__(self, path, mpp_override: float | None = None):
+    def __init__(self, path, mpp_override: float | None = None, default_mpp: float | None = None):
         self.path = Path(path)
         if not self.path.exists():
             raise SlideError(self.path, "file not found")
@@ -69,7 +74,7 @@ class WSI:
         if not os.access(self.path, os.R_OK):
             raise SlideError(self.path, "file is not readable (permission denied)")
         self._osr = _open_openslide(self.path)
-        self.mpp, self.mpp_source = self._resolve_mpp(mpp_override)
+        self.mpp, self.mpp_source = self._resolve_mpp(mpp_override, default_mpp)
         self.level_count: int = self._osr.level_count
         self.level_dimensions: tuple[tuple[int, int], ...] = tuple(self._osr.level_dimensions)
         self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in self._osr.level_downsamples)
@@ -86,14 +91,15 @@ class WSI:
     def magnification(self) -> float:
         return mpp_to_magnification(self.mpp)
 
-    def _resolve_mpp(self, override):
+    def _resolve_mpp(self, override, default):
+        """Resolution: an explicit override, else the metadata, else `default` (the CLI's --mpp)."""
         import openslide
 
+        for value, name in ((override, "mpp override"), (default, "--mpp")):
+            if value is not None and not float(value) > 0:
+                raise SlideError(self.path, f"{name} must be positive, got {value}")
         if override is not None:
-            override = float(override)
-            if not override > 0:
-                raise SlideError(self.path, f"--mpp must be positive, got {override}")
-            return override, "override"
+            return float(override), "override"
         props = self._osr.properties
         try:
             mpp = float(props[openslide.PROPERTY_NAME_MPP_X])
@@ -115,6 +121,8 @@ class WSI:
                 return magnification_to_mpp(power), "openslide.objective-power"
         except (KeyError, ValueError):
             pass
+        if default is not None:
+            return float(default), "--mpp"
         raise MissingMppError(
             self.path,
             "resolution unknown: no microns-per-pixel (openslide.mpp-x), TIFF resolution or objective power "
@@ -245,17 +253,24 @@ class WSI:
 
 
 def _resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize RGB uint8 to (w, h): area averaging when shrinking (no aliasing), bicubic when enlarging."""
-    import cv2
+    """Resize RGB uint8 to (w, h) with Pillow: antialiased bilinear when shrinking, bicubic when enlarging.
 
+    Pillow, not OpenCV: this runs in forked DataLoader workers, where OpenCV's thread pool,
+    inherited from a parent that already used it, can deadlock.
+    """
     w, h = size
     shrink = w * h < arr.shape[0] * arr.shape[1]
-    return cv2.resize(arr, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+    resample = Image.Resampling.BILINEAR if shrink else Image.Resampling.BICUBIC
+    return np.asarray(Image.fromarray(arr).resize((w, h), resample, reducing_gap=3.0 if shrink else None))
 
 
-def open_slide(path, mpp_override: float | None = None) -> WSI:
-    """Open a slide with OpenSlide. Raises `SlideError` (naming the file) for anything unusable."""
-    return WSI(path, mpp_override=mpp_override)
+def open_slide(path, mpp_override: float | None = None, default_mpp: float | None = None) -> WSI:
+    """Open a slide with OpenSlide. Raises `SlideError` (naming the file) for anything unusable.
+
+    Resolution (level-0 microns per pixel): `mpp_override` if given, else openslide.mpp-x, TIFF
+    resolution or objective power from the metadata, else `default_mpp`, else `MissingMppError`.
+    """
+    return WSI(path, mpp_override=mpp_override, default_mpp=default_mpp)
 
 
 def is_slide_file(path) -> bool:

@@ -185,20 +185,24 @@ def make_tissue_image(
     tex_step = max(1, int(texture_scale / 2))
     tex_low = _smooth_noise(rng, (max(2, -(-H // tex_step)), max(2, -(-W // tex_step))), 2.0)
     base = np.asarray(base_color, np.float32)
-    stroma = np.asarray(stroma_color, np.float32)
-    grain = rng.normal(0, noise, (509, 509, 3)).astype(np.float32) if noise > 0 else None
+    diff = np.asarray(stroma_color, np.float32) - base
     band = 1024
+    grain = None
+    if noise > 0:  # one band of grain, tiled from a 509 px pattern (prime: no visible alignment with tiles)
+        tile = rng.normal(0, noise, (509, 509, 3)).astype(np.float32)
+        grain = np.tile(tile, (-(-min(band, H) // 509), -(-W // 509), 1))[: min(band, H), :W]
     for r0 in range(0, H, band):
         r1 = min(H, r0 + band)
         mask = _upsample_band(tissue_low, tissue_step, r0, r1, W) >= threshold
         if not mask.any():
             continue
-        mix = np.clip(_upsample_band(tex_low, tex_step, r0, r1, W) * 0.35 + 0.5, 0, 1)[..., None]
-        colour = base * (1 - mix) + stroma * mix
+        mix = np.clip(_upsample_band(tex_low, tex_step, r0, r1, W) * 0.35 + 0.5, 0, 1)
+        colour = mix[..., None] * diff
+        colour += base
         if grain is not None:
-            reps = (-(-(r1 - r0) // 509), -(-W // 509), 1)
-            colour += np.tile(grain, reps)[: r1 - r0, :W]
-        img[r0:r1][mask] = np.clip(colour[mask], 0, 255).astype(np.uint8)
+            colour += grain[: r1 - r0]
+        np.clip(colour, 0, 255, out=colour)
+        np.copyto(img[r0:r1], colour.astype(np.uint8), where=mask[..., None])
 
     # Nuclei: Poisson count over the tissue area, kept where the tissue field says "inside".
     area = tissue_fraction * H * W
@@ -213,11 +217,10 @@ def make_tissue_image(
         axes_ratio = rng.uniform(0.6, 1.0, len(xs))
         angles = rng.uniform(0, 180, len(xs))
         shade = rng.uniform(-18, 18, len(xs))
-        nc = np.asarray(nucleus_color, np.float32)
-        for x, y, r, q, a, s in zip(xs, ys, radii, axes_ratio, angles, shade):
-            c = tuple(int(v) for v in np.clip(nc + s, 0, 255))
-            cv2.ellipse(img, (int(x), int(y)), (max(1, int(r)), max(1, int(r * q))), float(a), 0, 360, c, -1,
-                        lineType=cv2.LINE_AA)
+        colours = np.clip(np.asarray(nucleus_color, np.float32) + shade[:, None], 0, 255).astype(int).tolist()
+        for x, y, r, q, a, c in zip(xs.astype(int).tolist(), ys.astype(int).tolist(), radii.tolist(),
+                                    axes_ratio.tolist(), angles.tolist(), colours):
+            cv2.ellipse(img, (x, y), (max(1, int(r)), max(1, int(r * q))), a, 0, 360, c, -1, lineType=cv2.LINE_AA)
     return img
 
 

