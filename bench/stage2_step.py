@@ -1,27 +1,30 @@
 #!/usr/bin/env python
 """Bench: the cost of a full Stage 2 optimizer step relative to the bare student step.
 
-In one run, on the same batch size of the same tiles, times
+In one run, on the same batch size of the same kind of tiles, times
 
 * bare: the student (patch encoder + projection) forward, a regression loss, backward, clipping and the
   optimizer step, on a batch already in memory;
-* full: what `training/stage2.py` does per step: the next batch from the DataLoader (tiles read from
-  real pyramidal TIFF slides by worker processes, resized, augmented, normalised), the EMA forward,
-  the memory update, the frozen aggregator re-embedding each sampled slide from its memory (up to
-  `--context_size` rows), the student forward / losses / backward / optimizer step, the EMA update.
+* full: what `training/stage2.py` does per step (`stage2_forward` + backward + optimizer step + EMA
+  update): the next batch from the DataLoader (tiles read from real pyramidal TIFF slides by worker
+  processes, resized, augmented, normalised), the one EMA forward (its features go to the memory and
+  serve as the consistency target), the memory update, the frozen aggregator re-embedding each sampled
+  slide from its memory (up to `--context_size` rows, inference mode), the student forward / losses /
+  backward / optimizer step, the EMA update.
 
-Steps are interleaved (bare, full, bare, full, ...) and the medians compared, so load from other
-processes hits both alike. Goal: full / bare <= 1.45 (the EMA forward alone is about a third of a
+The full step runs with the no-grad branches (EMA forward, teacher) in fp32 and, where bf16 is fast
+(CUDA, CPUs with AMX), in bf16 (`training/stage2.py --no_grad_precision bf16`); the student is fp32 in
+every case. Steps are interleaved (bare, full, full-bf16, bare, ...) and medians compared, so load from
+other processes hits all alike. Goal: full / bare <= 1.45 (the EMA forward alone is about a third of a
 forward+backward). Also prints the memory bank's size per 10k patches.
 
     python bench/stage2_step.py                # small ViT, 2 slides x 32 patches per step
-    python bench/stage2_step.py --size tiny --steps 6 --workdir /tmp/stage2_bench
+    python bench/stage2_step.py --size tiny --steps 4 --workdir /tmp/stage2_bench
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -68,16 +71,25 @@ def build_data(workdir: Path, width: int, stride: int, seed: int) -> Path:
     return bench_manifest
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(amx and amx())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="small", choices=["tiny", "small", "base"], help="preset of the ViT/aggregator")
     parser.add_argument("--slides_per_step", type=int, default=2)
     parser.add_argument("--patches_per_slide", type=int, default=32)
     parser.add_argument("--context_size", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps of each kind (after 2 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps of each kind (after 2 warm-up steps)")
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--stride", type=int, default=24, help="level-0 px between patch coords (more = fewer rows)")
     parser.add_argument("--no_augment", action="store_true")
+    parser.add_argument("--no_grad_precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="no-grad branches of the full step: auto = fp32, plus bf16 where it is fast")
     parser.add_argument("--workdir", default=None, help="keep the synthetic data here (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -87,11 +99,20 @@ def main(argv=None) -> int:
     from mstar_hf.training_utils.augment import HEAugment
     from mstar_hf.training_utils.ema import EMAModel
     from mstar_hf.training_utils.memory_bank import PatchMemoryBank, bytes_per_patch
-    from mstar_hf.training_utils.stage2 import MemoryTeacher, Stage2Student, distillation_loss, stage2_forward
+    from mstar_hf.training_utils.stage2 import (
+        MemoryTeacher,
+        ReusableAutocast,
+        Stage2Student,
+        consistency_loss,
+        distillation_loss,
+        ema_features_to_memory,
+        stage2_forward,
+    )
     from mstar_hf.training_utils.stage2_data import Stage2StepDataset, make_loader, prepare_slides
     from mstar_hf.wsi.extraction import PatchTransform
 
     torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     width = WIDTH[args.size]
     tmp = None
     if args.workdir:
@@ -104,8 +125,7 @@ def main(argv=None) -> int:
     manifest = build_data(workdir, width, args.stride, args.seed)
     import pandas as pd
 
-    records = pd.read_csv(manifest).to_dict("records")
-    usable, failures = prepare_slides(records, width)
+    usable, failures = prepare_slides(pd.read_csv(manifest).to_dict("records"), width)
     if failures:
         raise SystemExit(f"bench data broken: {failures}")
     bank = PatchMemoryBank.build(workdir / f"memory_{width}", usable)
@@ -113,19 +133,36 @@ def main(argv=None) -> int:
 
     patch_model = MStarPatchModel(patch_config(args.size))
     aggregator = MStarSlideAggregator(aggregator_config(args.size))
-    student = Stage2Student(patch_model, torch.nn.Linear(width, aggregator.config.hidden_size)).train()
-    ema = EMAModel(patch_model, 0.996)
-    teacher = MemoryTeacher(aggregator, bank, args.context_size, args.seed)
+    student = Stage2Student(patch_model, torch.nn.Linear(width, aggregator.config.hidden_size)).to(device).train()
+    ema = EMAModel(patch_model, 0.996).to(device)
+    teacher = MemoryTeacher(aggregator.to(device), bank, args.context_size, args.seed)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     transform = PatchTransform(MStarImageProcessor())
     steps = 2 + args.steps
-    dataset = Stage2StepDataset(bank.folder, bank.slides, list(range(len(bank))), args.slides_per_step,
-                                args.patches_per_slide, num_items=2 * steps + 8, transform=transform, normalize=True,
-                                augment=None if args.no_augment else HEAugment(), seed=args.seed)
-    loader = iter(make_loader(dataset, args.num_workers, pin_memory=False))
-    fixed = next(loader)
-    n_images = len(fixed["pixel_values"])
-    fixed_target = torch.randn(n_images, aggregator.config.hidden_size)
+    variants = {"fp32": None}
+    if args.no_grad_precision == "bf16" or (args.no_grad_precision == "auto" and bf16_is_fast(device)):
+        variants["bf16"] = ReusableAutocast(device.type, "bf16")
+    if args.no_grad_precision == "bf16":
+        del variants["fp32"]
+
+    def loader_for(seed):
+        dataset = Stage2StepDataset(bank.folder, bank.slides, list(range(len(bank))), args.slides_per_step,
+                                    args.patches_per_slide, num_items=steps + 8, transform=transform, normalize=True,
+                                    augment=None if args.no_augment else HEAugment(), seed=seed)
+        return iter(make_loader(dataset, args.num_workers, pin_memory=device.type == "cuda"))
+
+    loaders = {name: loader_for(args.seed + i) for i, name in enumerate(variants)}
+    fixed = next(loader_for(args.seed + 99))
+    fixed_pixels = fixed["pixel_values"].to(device)
+    n_images = len(fixed_pixels)
+    fixed_target = torch.randn(n_images, aggregator.config.hidden_size, device=device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def to_device(batch):
+        return {**batch, "pixel_values": batch["pixel_values"].to(device, non_blocking=True)}
 
     def optimizer_step():
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -133,63 +170,76 @@ def main(argv=None) -> int:
         optimizer.zero_grad(set_to_none=True)
 
     def bare_step():
-        _, projected = student(fixed["pixel_values"])
+        _, projected = student(fixed_pixels)
         distillation_loss(projected, fixed_target).backward()
         optimizer_step()
 
-    def full_step():
-        batch = next(loader)
-        out = stage2_forward(student, ema, teacher, batch, "cosine", 0.6)
+    def full_step(name):
+        batch = to_device(next(loaders[name]))
+        out = stage2_forward(student, ema, teacher, batch, "cosine", 0.6, autocast=variants[name], device=device)
         out.loss.backward()
         optimizer_step()
         ema.update(student.patch_model)
 
-    bare_times, full_times = [], []
+    kinds = [("bare", bare_step)] + [(f"full/{name}", lambda name=name: full_step(name)) for name in variants]
+    times = {kind: [] for kind, _ in kinds}
     for i in range(steps):
-        for fn, times in ((bare_step, bare_times), (full_step, full_times)):
+        for kind, fn in kinds:
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             if i >= 2:
-                times.append(time.perf_counter() - start)
-    bare, full = statistics.median(bare_times), statistics.median(full_times)
+                times[kind].append(time.perf_counter() - start)
+    medians = {kind: statistics.median(v) for kind, v in times.items()}
+    bare = medians["bare"]
 
-    # Where the extra time goes (the same calls as `stage2_forward`, timed one by one; indicative only).
-    from mstar_hf.training_utils.stage2 import consistency_loss, ema_features_to_memory
+    # Where the extra time goes (the calls of `stage2_forward`, timed one by one; indicative only).
+    parts = {}
+    for name, autocast in variants.items():
+        rows = {"batch wait": [], "EMA fwd + memory write": [], "teacher re-embed": [], "student fwd+bwd+opt": [],
+                "EMA update": []}
+        for _ in range(3):
+            marks = [time.perf_counter()]
+            batch = to_device(next(loaders[name]))
+            marks.append(time.perf_counter())
+            ema_features = ema_features_to_memory(ema, bank, batch["pixel_values"], batch["slide"], batch["row"], autocast)
+            sync()
+            marks.append(time.perf_counter())
+            targets = teacher.targets(batch["slide"], batch["row"], int(batch["step"]), device, autocast)
+            sync()
+            marks.append(time.perf_counter())
+            features, projected = student(batch["pixel_values"])
+            (distillation_loss(projected, targets) + 0.6 * consistency_loss(features, ema_features)).backward()
+            optimizer_step()
+            sync()
+            marks.append(time.perf_counter())
+            ema.update(student.patch_model)
+            sync()
+            marks.append(time.perf_counter())
+            for key, a, b in zip(rows, marks, marks[1:]):
+                rows[key].append(b - a)
+        parts[name] = rows
 
-    parts = {"batch wait": [], "EMA fwd + memory write": [], "teacher re-embed": [], "student fwd+bwd+opt": [],
-             "EMA update": []}
-    for _ in range(min(3, args.steps)):
-        marks = [time.perf_counter()]
-        batch = next(loader)
-        marks.append(time.perf_counter())
-        ema_features = ema_features_to_memory(ema, bank, batch["pixel_values"], batch["slide"], batch["row"])
-        marks.append(time.perf_counter())
-        targets = teacher.targets(batch["slide"], batch["row"], int(batch["step"]), "cpu")
-        marks.append(time.perf_counter())
-        features, projected = student(batch["pixel_values"])
-        (distillation_loss(projected, targets) + 0.6 * consistency_loss(features, ema_features)).backward()
-        optimizer_step()
-        marks.append(time.perf_counter())
-        ema.update(student.patch_model)
-        marks.append(time.perf_counter())
-        for key, a, b in zip(parts, marks, marks[1:]):
-            parts[key].append(b - a)
-    ratio = full / bare
+    print(f"config: {args.size} ViT ({sum(p.numel() for p in patch_model.parameters()) / 1e6:.1f}M params, "
+          f"{width}-d) on {device}, {args.slides_per_step} slides x {args.patches_per_slide} patches = {n_images} "
+          f"images/step, context {args.context_size} rows, {args.num_workers} reader workers, "
+          f"{torch.get_num_threads()} torch threads, student fp32")
+    print(f"bare student step (fwd+bwd+opt): median {bare * 1e3:.1f} ms over {len(times['bare'])} steps")
+    for name in variants:
+        full = medians[f"full/{name}"]
+        print(f"full Stage 2 step, no-grad branches {name}: median {full * 1e3:.1f} ms -> ratio full / bare "
+              f"{full / bare:.3f} (goal <= {GOAL}: {'met' if full / bare <= GOAL else 'NOT met'})")
+        print("  breakdown (medians of 3 separately timed steps): " + ", ".join(
+            f"{k} {statistics.median(v) / bare:.2f}x" for k, v in parts[name].items()))
     per10k = bytes_per_patch(bank.dim, bank.dtype) * 10_000 / 2**20
     measured = bank.nbytes / bank.num_rows * 10_000 / 2**20
-    print(f"config: {args.size} ViT ({sum(p.numel() for p in patch_model.parameters()) / 1e6:.1f}M params, "
-          f"{width}-d), {args.slides_per_step} slides x {args.patches_per_slide} patches = {n_images} images/step, "
-          f"context {args.context_size} rows, {args.num_workers} reader workers, torch threads {torch.get_num_threads()}")
-    print(f"bare student step (fwd+bwd+opt): median {bare * 1e3:.1f} ms over {len(bare_times)} steps")
-    print(f"full Stage 2 step:               median {full * 1e3:.1f} ms over {len(full_times)} steps")
-    print("breakdown of a full step (medians): " + ", ".join(
-        f"{k} {statistics.median(v) * 1e3:.0f} ms ({statistics.median(v) / bare:.2f} x bare)" for k, v in parts.items()))
-    print(f"ratio full / bare: {ratio:.3f}  (goal <= {GOAL}: {'met' if ratio <= GOAL else 'NOT met'})")
     print(f"memory bank: {per10k:.2f} MiB per 10k patches at {bank.dim}-d {bank.dtype} (measured {measured:.2f}); "
           f"ViT-L 1024-d: {bytes_per_patch(1024, 'float32') * 10_000 / 2**20:.1f} MiB float32, "
-          f"{bytes_per_patch(1024, 'float16') * 10_000 / 2**20:.1f} MiB float16 per 10k patches (on disk, memory-mapped)")
+          f"{bytes_per_patch(1024, 'float16') * 10_000 / 2**20:.1f} MiB float16 per 10k patches (on disk, "
+          f"memory-mapped; RAM holds only the pages a step touches)")
+    del loaders
     if tmp is not None:
-        del loader
         tmp.cleanup()
     return 0
 

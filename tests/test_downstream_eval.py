@@ -41,6 +41,7 @@ def one_thread():
 def write_cohort(root: Path, per_class=(12, 12, 12), seed=0, slide_path=None, edit=None) -> Path:
     rng = np.random.default_rng(seed)
     directions = rng.normal(size=(len(per_class), DIM))
+    directions[:, 1:3] = 0  # features 1-2 carry the survival risk
     directions *= 3.0 / np.linalg.norm(directions, axis=1, keepdims=True)
     rows, k = [], 0
     for c, count in enumerate(per_class):

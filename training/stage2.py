@@ -57,7 +57,14 @@ from mstar_hf.training_utils import (
 from mstar_hf.training_utils.augment import HEAugment
 from mstar_hf.training_utils.ema import EMAModel
 from mstar_hf.training_utils.memory_bank import DTYPES, PatchMemoryBank, bytes_per_patch
-from mstar_hf.training_utils.stage2 import LOSSES, MemoryTeacher, Stage2Student, evaluate_student_teacher, stage2_forward
+from mstar_hf.training_utils.stage2 import (
+    LOSSES,
+    MemoryTeacher,
+    ReusableAutocast,
+    Stage2Student,
+    evaluate_student_teacher,
+    stage2_forward,
+)
 from mstar_hf.training_utils.stage2_data import (
     FAILURE_FIELDS,
     PatchListDataset,
@@ -98,6 +105,9 @@ class Stage2Arguments:
     loss: str = field(default="cosine", metadata={"help": f"Student-teacher regression loss: {' | '.join(LOSSES)}."})
     ema_consistency_weight: float = field(default=0.6, metadata={"help": "Weight of the EMA consistency term."})
     ema_momentum: float = field(default=0.996, metadata={"help": "EMA momentum (per optimizer step)."})
+    no_grad_precision: str = field(default="auto", metadata={
+        "help": "Precision of the no-grad branches (EMA forward, teacher re-embedding): auto (= the mixed "
+                "precision of the run), fp32, bf16 (cheaper where bf16 is fast: GPUs, CPUs with AMX)."})
     augment: bool = field(default=True, metadata={"help": "H&E augmentation: flips, 90-degree turns, colour jitter."})
     color_jitter: float = field(default=0.05, metadata={"help": "Max relative brightness/contrast/saturation change."})
     hue_jitter: float = field(default=0.02, metadata={"help": "Max hue shift (fraction of the hue circle)."})
@@ -119,6 +129,8 @@ def parse_args(argv=None):
         parser.error(f"--final_weights must be 'student' or 'ema', got {s2.final_weights!r}")
     if s2.memory_dtype not in DTYPES:
         parser.error(f"--memory_dtype must be one of {DTYPES}, got {s2.memory_dtype!r}")
+    if s2.no_grad_precision not in ("auto", "fp32", "bf16", "fp16"):
+        parser.error(f"--no_grad_precision must be auto, fp32, bf16 or fp16, got {s2.no_grad_precision!r}")
     if s2.slides_per_step < 1:
         parser.error("--slides_per_step must be >= 1")
     if s2.patches_per_slide is None:
@@ -202,23 +214,14 @@ def no_zero3_init():
             hf_deepspeed.set_hf_deepspeed_config(config)
 
 
-def mixed_precision_autocast(accelerator):
-    """A factory of autocast contexts for the no-grad parts (EMA forward, aggregator): the student's own
-    forward gets bf16 from Accelerate (autocast) or DeepSpeed (bf16 weights)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
-    if dtype is None:
+def no_grad_autocast(accelerator, precision: str):
+    """Autocast for the no-grad branches (EMA forward, teacher): 'auto' follows the training's mixed
+    precision; the student's own forward gets its precision from Accelerate / DeepSpeed."""
+    if precision == "auto":
+        precision = str(accelerator.mixed_precision)
+    if precision in ("no", "fp32"):
         return None
-    device_type = accelerator.device.type
-
-    class _Factory:
-        def __enter__(self):
-            self._ctx = torch.autocast(device_type=device_type, dtype=dtype)
-            return self._ctx.__enter__()
-
-        def __exit__(self, *exc):
-            return self._ctx.__exit__(*exc)
-
-    return _Factory()
+    return ReusableAutocast(accelerator.device.type, precision)
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -312,7 +315,7 @@ def main(argv=None) -> int:
     ema.to(device)
     aggregator.to(device)
     teacher = MemoryTeacher(aggregator, memory, s2.context_size, args.seed)
-    autocast = mixed_precision_autocast(accelerator)
+    autocast = no_grad_autocast(accelerator, s2.no_grad_precision)
 
     engine = f"{type(model).__module__}.{type(model).__name__}"
     is_ds_engine = False
@@ -329,7 +332,7 @@ def main(argv=None) -> int:
             "num_processes": world, "mixed_precision": str(accelerator.mixed_precision), "device": str(device),
             "memory_slides": len(memory), "memory_patches": memory.num_rows, "memory_mib_per_10k_patches": per_10k,
             "train_slides": len(train_slides), "eval_patches": held.num_patches, "eval_source": eval_source,
-            "images_per_step": images_per_step,
+            "images_per_step": images_per_step, "no_grad_precision": s2.no_grad_precision,
         }, indent=2))
         write_training_args(out, s2, args)
 

