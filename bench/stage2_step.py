@@ -14,8 +14,8 @@ In one run, on the same batch size of the same kind of tiles, times
 
 The full step runs with the no-grad branches (EMA forward, teacher) in fp32 and, where bf16 is fast
 (CUDA, CPUs with AMX), in bf16 (`training/stage2.py --no_grad_precision bf16`); the student is fp32 in
-every case. Steps are interleaved (bare, full, full-bf16, bare, ...) and medians compared, so load from
-other processes hits all alike. Goal: full / bare <= 1.45 (the EMA forward alone is about a third of a
+every case. Steps are interleaved (bare, full, full-bf16, in an order rotated every round) and medians
+compared, so load from other processes hits all alike. Goal: full / bare <= 1.45 (the EMA forward alone is about a third of a
 forward+backward). Also prints the memory bank's size per 10k patches.
 
     python bench/stage2_step.py                # small ViT, 2 slides x 32 patches per step
@@ -184,7 +184,8 @@ def main(argv=None) -> int:
     kinds = [("bare", bare_step)] + [(f"full/{name}", lambda name=name: full_step(name)) for name in variants]
     times = {kind: [] for kind, _ in kinds}
     for i in range(steps):
-        for kind, fn in kinds:
+        # rotate the order every round, so a load trend (other processes) does not favour one kind
+        for kind, fn in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
             sync()
             start = time.perf_counter()
             fn()

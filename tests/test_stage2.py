@@ -168,6 +168,46 @@ def test_step_writes_ema_features_to_sampled_rows_only(env, tmp_path):
             assert len(rows) == 0
 
 
+def test_step_items_are_reproducible_and_skip_slides_that_break(env, tmp_path):
+    """Items are a function of (seed, step, rank) only (what resume relies on); a slide that cannot be
+    read during training is reported once per item and others are drawn instead."""
+    import dataclasses
+
+    from mstar_hf.modeling import MStarImageProcessor
+    from mstar_hf.training_utils.augment import HEAugment
+    from mstar_hf.training_utils.stage2_data import Stage2StepDataset
+    from mstar_hf.wsi.extraction import PatchTransform
+
+    bank = _bank(env, tmp_path / "bank")
+    slides = list(bank.slides)
+    slides[0] = dataclasses.replace(slides[0], slide_path=str(tmp_path / "gone.tiff"))
+
+    def dataset():
+        return Stage2StepDataset(bank.folder, slides, [0, 1, 2], slides_per_step=2, patches_per_slide=3, num_items=6,
+                                 transform=PatchTransform(MStarImageProcessor()), augment=HEAugment(), seed=5)
+
+    first, second = dataset(), dataset()
+    items = [first[i] for i in range(6)]
+    for item in items:
+        assert sorted(set(item["slide"].tolist())) == [1, 2] and item["pixel_values"].shape == (6, 3, 224, 224)
+    failed = [reason for item in items for _, reason in item["failed"]]
+    assert len(failed) == 1 and "gone.tiff" in failed[0]  # remembered: not retried
+    again = second[4]
+    assert torch.equal(again["pixel_values"], items[4]["pixel_values"]) and torch.equal(again["row"], items[4]["row"])
+
+
+def test_distillation_losses():
+    from mstar_hf.training_utils.stage2 import consistency_loss, distillation_loss
+
+    a = torch.randn(4, 8)
+    assert float(distillation_loss(a, 2 * a, "cosine")) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_loss(a, a, "smooth_l1")) == 0.0
+    assert float(distillation_loss(a, -a, "cosine")) == pytest.approx(2.0)
+    assert float(consistency_loss(a, a)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="--loss"):
+        distillation_loss(a, a, "l2")
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 def test_bad_slides_are_skipped_with_errors_naming_files(env, tmp_path):
     from mstar_hf.training_utils.memory_bank import MemoryBankError, inspect_feature_file

@@ -294,12 +294,12 @@ def main(argv=None) -> int:
     eval_source = (f"slides of splits {sorted(eval_split_names)}" if eval_slides
                    else f"{s2.eval_holdout_fraction:g} of the training slides' patches (never trained on)")
 
-    # Student, EMA, optimizer.
+    # Student, EMA (copied before checkpointing is switched on: it never runs backward), optimizer.
+    ema = EMAModel(student.patch_model, s2.ema_momentum)
     if args.gradient_checkpointing:
         enable = getattr(student.patch_model, "activation_checkpointing_enable", None) or \
             student.patch_model.gradient_checkpointing_enable
         enable()
-    ema = EMAModel(student.patch_model, s2.ema_momentum)
     optimizer = build_optimizer(student, args)
     from transformers import get_scheduler
 
@@ -362,15 +362,15 @@ def main(argv=None) -> int:
         return {**batch, "pixel_values": x}
 
     def evaluate() -> float:
-        dataset = PatchListDataset(memory_dir, memory.slides, held.items[rank::world], transform, normalize_in_workers)
-        loader = make_loader(dataset, min(args.dataloader_num_workers, max(1, len(dataset))), device.type == "cuda")
+        # Every process evaluates all held-out patches (a few hundred): under ZeRO-3 each forward is a
+        # collective, so all processes must run the same batches; the result is the same everywhere.
+        dataset = PatchListDataset(memory_dir, memory.slides, held.items, transform, normalize_in_workers)
+        loader = make_loader(dataset, min(args.dataloader_num_workers, len(dataset)), device.type == "cuda")
         model.eval()
         sums = evaluate_student_teacher(model, teacher, loader, device, prepare=lambda b: to_device(b)["pixel_values"],
                                         autocast=autocast)
         model.train()
-        totals = accelerator.reduce(torch.tensor([sums["cosine_sum"], sums["count"]], dtype=torch.float64,
-                                                 device=device), reduction="sum")
-        return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+        return sums["cosine_sum"] / sums["count"] if sums["count"] else float("nan")
 
     before_path = out / "eval_before.json"
     cos_before = None

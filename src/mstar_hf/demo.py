@@ -98,7 +98,7 @@ def _zero_shot(model_dir, cases, labels, mode, patch_source, heatmap_dir=None, s
     """Held-out zero-/few-shot predictions through `pipeline("wsi-zero-shot")`."""
     from transformers import pipeline
 
-    from .pipelines.heatmap import save_zero_shot_heatmap
+    from .pipelines.heatmap import save_heatmap
 
     classifier = pipeline("wsi-zero-shot", model=str(model_dir))
     truth, predicted = [], []
@@ -109,7 +109,10 @@ def _zero_shot(model_dir, cases, labels, mode, patch_source, heatmap_dir=None, s
         truth.append(case["cancer_type"])
         predicted.append(preds[0]["label"])
         if isinstance(out, dict) and heatmap_dir is not None:
-            save_zero_shot_heatmap(case["slide_path"], out, Path(heatmap_dir) / f"{case['slide_id']}_{mode}.png")
+            column = out["labels"].index(preds[0]["label"])
+            save_heatmap(case["slide_path"], out["coords"], out["patch_scores"][:, column], out["patch_size_level0"],
+                         Path(heatmap_dir) / f"{case['slide_id']}_{mode}.png",
+                         title=f"{case['slide_id']} ({case['cancer_type']}): cosine with {preds[0]['label']!r}")
     return {"balanced_accuracy": _balanced_accuracy(truth, predicted), "n": len(cases),
             "chance": 1.0 / len(labels), "predicted": predicted, "truth": truth}
 
@@ -237,7 +240,7 @@ def run_on_real_slide(slide, stage1_dir, report_dir, labels, out_dir) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     classifier = pipeline("wsi-zero-shot", model=str(stage1_dir))
     result = classifier(slide, candidate_labels=labels, return_patch_scores=True)
-    heatmap = save_zero_shot_heatmap(slide, result, out_dir / "zero_shot_heatmap.png")
+    heatmap = save_zero_shot_heatmap(result, out_dir / "zero_shot_heatmap.png")
     features = pipeline("wsi-feature-extraction", model=str(stage1_dir))(slide)
     report = pipeline("wsi-report-generation", model=str(report_dir))(slide)
     return {

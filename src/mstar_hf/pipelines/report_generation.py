@@ -24,19 +24,19 @@ import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, Pipeline
 
-FEATURE_SUFFIXES = (".h5", ".hdf5", ".he5")
+from .inputs import FEATURE_SUFFIXES, PREPROCESS_PARAMS, load_wsi_input
+
 DEFAULT_BATCH_SIZE = 4
-PREPROCESS_PARAMS = ("patch_size", "target_mpp", "min_tissue", "mpp", "extraction_batch_size", "extraction_workers",
-                     "precision", "progress")
 
 
 class WSIReportGenerationPipeline(Pipeline):
     """Generates a report for each slide; returns `[{"generated_text": str}]` per input (one dict per
     returned sequence). See the module docstring for inputs and parameters.
 
-    Slide parameters (for slide files): `patch_size` (256), `target_mpp` (0.5, i.e. 20x), `min_tissue` (0.5),
-    `mpp` (override of the slide's resolution), `extraction_batch_size` (64), `extraction_workers` (2),
-    `precision` ("fp32"), `progress` (False). `skip_special_tokens` (True) goes to decoding.
+    Slide parameters (for slide files, as in the other WSI pipelines): `patch_size` (256), `target_mpp` (0.5,
+    i.e. 20x), `min_tissue` (0.5), `mpp` (override of the slide's resolution), `seg_params`,
+    `extraction_batch_size` (64), `extraction_workers` (2), `precision` ("fp32"), `progress` (False).
+    `skip_special_tokens` (True) goes to decoding.
     """
 
     _load_tokenizer = True
@@ -49,6 +49,7 @@ class WSIReportGenerationPipeline(Pipeline):
         super().__init__(*args, **kwargs)
         if self._batch_size is None:
             self._batch_size = DEFAULT_BATCH_SIZE
+        self.model.eval()  # no dropout: a slide gets the same report alone or in a batch
         self.patch_model = patch_model if patch_model is not None else getattr(self.model, "patch_model", None)
         if self.patch_model is not None:
             self._check_width(self.patch_model.config.hidden_size, "the patch model")
@@ -103,67 +104,21 @@ class WSIReportGenerationPipeline(Pipeline):
         return self.postprocess(outputs, **postprocess_params)[0]
 
     # ----- steps -----
-    def preprocess(self, inputs, patch_size: int = 256, target_mpp: float = 0.5, min_tissue: float = 0.5,
-                   mpp: float | None = None, extraction_batch_size: int = 64, extraction_workers: int = 2,
-                   precision: str = "fp32", progress: bool = False) -> dict:
-        if isinstance(inputs, (str, os.PathLike)):
+    def preprocess(self, inputs, **options) -> dict:
+        """One input -> a batch of one; inputs are read by the WSI pipelines' shared `load_wsi_input`."""
+        if self.patch_model is None and isinstance(inputs, (str, os.PathLike)):
             path = Path(inputs)
-            if not path.exists():
-                raise FileNotFoundError(f"wsi-report-generation: {path}: no such slide or features file.")
-            if path.suffix.lower() in FEATURE_SUFFIXES:
-                from mstar_hf.data import read_slide_features
-
-                features, coords = read_slide_features(path, expected_dim=self.input_dim, read_coords=True)
-            else:
-                coords, features = self._encode_slide(path, patch_size, target_mpp, min_tissue, mpp,
-                                                      extraction_batch_size, extraction_workers, precision, progress)
-        elif isinstance(inputs, dict):
-            unknown = set(inputs) - {"features", "coords", "patch_features", "patch_coords"}
-            if unknown or not ({"features", "patch_features"} & set(inputs)):
-                raise ValueError(f"wsi-report-generation: a dict input needs 'features' (and optionally 'coords'); "
-                                 f"got keys {sorted(inputs)}.")
-            features = inputs.get("features", inputs.get("patch_features"))
-            coords = inputs.get("coords", inputs.get("patch_coords"))
-        elif isinstance(inputs, (torch.Tensor, np.ndarray)):
-            features, coords = inputs, None
-        else:
-            raise TypeError(f"wsi-report-generation: unsupported input of type {type(inputs).__name__} (expected a slide "
-                            f"path, a features .h5 path, a [N, D] tensor or a dict with 'features').")
-        features = torch.as_tensor(features, dtype=torch.float32)
-        if features.ndim == 3 and features.shape[0] == 1:
-            features = features[0]
-        if features.ndim != 2:
-            raise ValueError(f"wsi-report-generation: features must have shape [N, {self.input_dim}], "
-                             f"got {tuple(features.shape)}.")
-        self._check_width(features.shape[1], "the input")
-        if features.shape[0] == 0:
-            raise ValueError("wsi-report-generation: the input has no patches.")
-        item = {"patch_features": features[None], "patch_attention_mask": torch.ones(1, features.shape[0], dtype=torch.bool)}
-        if coords is not None:
-            coords = torch.as_tensor(np.asarray(coords), dtype=torch.long).reshape(-1, 2)
-            if coords.shape[0] != features.shape[0]:
-                raise ValueError(f"wsi-report-generation: {coords.shape[0]} coords for {features.shape[0]} patches.")
-            item["patch_coords"] = coords[None]
+            if path.is_file() and path.suffix.lower() not in FEATURE_SUFFIXES:
+                raise ValueError(
+                    f"wsi-report-generation: {path} is a slide, which needs a patch encoder: pass patch_model= to the "
+                    "pipeline, or use a model that carries one (MStarForReportGeneration.attach_patch_model)."
+                )
+        bag = load_wsi_input(inputs, self.input_dim, self.patch_model, self.image_processor, self.device, **options)
+        item = {"patch_features": bag.features[None],
+                "patch_attention_mask": torch.ones(1, bag.features.shape[0], dtype=torch.bool)}
+        if bag.coords is not None:
+            item["patch_coords"] = torch.from_numpy(np.asarray(bag.coords, dtype=np.int64))[None]
         return item
-
-    def _encode_slide(self, path, patch_size, target_mpp, min_tissue, mpp, batch_size, workers, precision, progress):
-        from mstar_hf.wsi.extraction import extract_slide_features
-
-        if self.patch_model is None:
-            raise ValueError(
-                f"wsi-report-generation: {path} is a slide, which needs a patch encoder: pass patch_model= to the "
-                "pipeline, or use a model that carries one (MStarForReportGeneration.attach_patch_model)."
-            )
-        processor = self.image_processor
-        if processor is None:
-            from mstar_hf.modeling import MStarImageProcessor
-
-            processor = MStarImageProcessor()
-        return extract_slide_features(
-            path, self.patch_model, processor, batch_size=batch_size, num_workers=workers, precision=precision,
-            device=self.device, progress=progress, patch_size=patch_size, target_mpp=target_mpp, min_tissue=min_tissue,
-            mpp_override=mpp,
-        )
 
     def _forward(self, model_inputs: dict, **generate_kwargs) -> dict:
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
