@@ -6,7 +6,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from report_generation_fixtures import FEATURE_DIM, grid_coords, load_training_script, overfit, tiny_report_config, type_features
+from report_generation_fixtures import (
+    FEATURE_DIM,
+    grid_coords,
+    load_training_script,
+    overfit,
+    tiny_report_config,
+    type_features,
+)
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoTokenizer
 
 import mstar_hf

@@ -89,6 +89,8 @@ def test_batched_equals_one_by_one(reporter, tmp_path):
     single = [reporter(x, max_new_tokens=30) for x in inputs]
     for size in (2, 5):
         assert reporter(inputs, batch_size=size, max_new_tokens=30) == single
+    streamed = reporter((x for x in inputs), batch_size=2, max_new_tokens=30)  # a generator is streamed
+    assert list(streamed) == single
     texts = [s[0]["generated_text"] for s in single[:3]]
     assert len(set(texts)) >= 2, f"the text should depend on the slide: {texts}"
 
@@ -140,3 +142,16 @@ def test_bad_input(reporter, tmp_path):
         reporter(42)
     with pytest.raises(ValueError, match="3 coords for 5 patches"):
         reporter({"features": torch.zeros(5, DIM), "coords": torch.zeros(3, 2)})
+
+
+def test_save_pretrained_and_reload(reporter, tmp_path):
+    import json
+
+    feats, coords = _slide_features(2)
+    expected = reporter({"features": feats, "coords": coords}, max_new_tokens=20)
+    reporter.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["custom_pipelines"]["wsi-report-generation"]["impl"] == "report_generation.WSIReportGenerationPipeline"
+    assert (tmp_path / "saved" / "report_generation.py").is_file()
+    reloaded = pipeline("wsi-report-generation", model=str(tmp_path / "saved"), device="cpu", trust_remote_code=True)
+    assert reloaded({"features": feats, "coords": coords}, max_new_tokens=20) == expected

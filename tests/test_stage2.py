@@ -21,6 +21,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "stage2.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # hub_fixtures / hub_server, whatever the import mode
+
+from hub_fixtures import hub_server  # noqa: E402,F401  (pytest fixture: a local Hub)
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +373,7 @@ def test_resume_after_kill_gives_the_same_losses(env, plain_run):
         assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5, abs=1e-7), step
 
 
-def test_deepspeed_zero2_engine_and_resume(env, run_manifest):
+def test_deepspeed_zero2_engine_resume_and_push(env, run_manifest, hub_server):
     out = env.root / "run_ds"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "2",
               "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -383,8 +386,15 @@ def test_deepspeed_zero2_engine_and_resume(env, run_manifest):
     assert (ckpt / "pytorch_model").is_dir() and (ckpt / "stage2" / "ema.safetensors").is_file()
     first = _losses(out)
     # resume from step 2 in place: the working memory is at step 4 and must be restored from the checkpoint
-    _run(launch + ["--resume_from_checkpoint", str(ckpt)])
+    user = hub_server.user
+    _run(launch + ["--resume_from_checkpoint", str(ckpt), "--push_to_hub", "--hub_model_id", f"{user}/stage2-patch",
+                   "--hub_mstar_model_id", f"{user}/stage2-mstar"], env=hub_server.env)
     second = _losses(out)
     assert sorted(second) == [1, 2, 3, 4]
     for step in (3, 4):
         assert second[step]["loss"] == pytest.approx(first[step]["loss"], rel=1e-6), step
+    # both final folders reached the (local) Hub, with a model card
+    pushed = hub_server.files(f"{user}/stage2-patch")
+    assert json.loads(pushed["config.json"])["model_type"] == "mstar_patch"
+    assert {"model.safetensors", "preprocessor_config.json", "README.md"} <= set(pushed)
+    assert json.loads(hub_server.files(f"{user}/stage2-mstar")["config.json"])["model_type"] == "mstar"

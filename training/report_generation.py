@@ -4,8 +4,9 @@
     accelerate launch training/report_generation.py --manifest cohort/manifest.csv --output_dir runs/reports \
         --stage1_model_name_or_path runs/stage1 --max_train_steps 2000
 
-    # DeepSpeed ZeRO-2:  accelerate launch --config_file training/configs/accelerate_zero2.yaml training/report_generation.py ...
-    # resume:            ... --resume_from_checkpoint latest
+    # DeepSpeed ZeRO-2 (one CPU process: --use_deepspeed --zero_stage 2 --num_processes 1):
+    accelerate launch --config_file training/configs/accelerate_zero2.yaml training/report_generation.py ...
+    # resume: ... --resume_from_checkpoint latest
 
 Cases without a report (or without features) are skipped. The slide aggregator can start from a Stage 1
 `MStarModel` (`--stage1_model_name_or_path`); the tokenizer is a pretrained one (`--tokenizer_name_or_path`)
@@ -353,11 +354,13 @@ def metrics_table(results: dict) -> str:
 
 # ----- training --------------------------------------------------------------------------------------
 def split_cases(cohort, data_args: ReportDataArguments, seed: int):
-    splits = set(cohort["split"]) if "split" in cohort.column_names else set()
+    """(train rows, eval rows) from the split column; the eval split falls back to 'test'; without splits,
+    a seeded 85/15 split."""
+    splits = list(cohort["split"]) if "split" in cohort.column_names else []
     if data_args.train_split in splits:
-        train = cohort.filter(lambda s: s == data_args.train_split, input_columns="split")
         eval_name = data_args.eval_split if data_args.eval_split in splits else "test"
-        evaluation = cohort.filter(lambda s: s == eval_name, input_columns="split")
+        train = cohort.select([i for i, s in enumerate(splits) if s == data_args.train_split])
+        evaluation = cohort.select([i for i, s in enumerate(splits) if s == eval_name])
     else:
         parts = cohort.train_test_split(test_size=0.15, seed=seed)
         train, evaluation = parts["train"], parts["test"]
@@ -485,7 +488,8 @@ def run_report_generation(model_args: ReportModelArguments, data_args: ReportDat
             write_eval_results(output_dir, [
                 {"task": TASK, "metric": metric.lower(), "name": f"{metric} ({who})", "value": values[metric],
                  "dataset": dataset_name}
-                for who, values in (("model", results["model"]), ("nearest training report", results["nearest_report_baseline"]))
+                for who, values in (("model", results["model"]),
+                                    ("nearest training report", results["nearest_report_baseline"]))
                 for metric in values
             ])
             table = metrics_table(results)

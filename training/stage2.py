@@ -352,6 +352,9 @@ def main(argv=None) -> int:
     # Tiles: workers read, resize (and augment); on CPU they also normalise, on a GPU the device does.
     transform = PatchTransform(image_processor)
     normalize_in_workers = device.type == "cpu"
+    if device.type == "cpu" and args.dataloader_num_workers > 0:
+        # as in feature extraction: leave the readers their cores, or they stall the compute threads
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world - args.dataloader_num_workers))
     augment = HEAugment(color_jitter=s2.color_jitter, hue_jitter=s2.hue_jitter) if s2.augment else None
     ga = args.gradient_accumulation_steps
 

@@ -130,6 +130,12 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
     )
 
     settings = settings or DemoSettings()
+    if quiet:
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     models = out / "models"

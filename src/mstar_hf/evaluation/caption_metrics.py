@@ -8,7 +8,8 @@ What is reproduced exactly, and what is not:
   punctuation tokens in `COCO_PUNCTUATION`. Here: `nltk`'s Treebank tokenizer (the same Penn Treebank
   rules, parentheses written -LRB-/-RRB-) on each sentence (split after . ! ? followed by space),
   lower-cased, the same punctuation dropped. Stanford's tokenizer keeps known abbreviations such as
-  "e.g." whole, where this one splits off their last period; otherwise the tokens agree.
+  "e.g." whole, where this one splits off their last period; on ordinary report text the two should
+  agree (not checked against the Java tokenizer, which cannot run here).
 - BLEU: exactly COCO's `BleuScorer(option="closest")`: clipped n-gram counts (nltk's
   `modified_precision`), n-gram guesses max(0, len - n + 1), corpus-level sums, the closest reference
   length (ties: the shorter), BLEU-n = (prod_{k<=n} p_k)^(1/n) x brevity penalty, with COCO's 1e-15 /
@@ -16,17 +17,19 @@ What is reproduced exactly, and what is not:
 - ROUGE-L: exactly COCO's `Rouge`: per report, LCS precision and recall (`rouge-score`'s LCS on the
   COCO tokens), the maximum of each over the references, F with beta = 1.2, averaged over reports.
 - METEOR: COCO runs Meteor 1.5 (Java, `-l en -norm`), whose English synonym (WordNet) and paraphrase
-  tables ship inside its jar. WordNet for `nltk` is a separate download and no PyPI package ships it
-  (`wn` downloads its data too), so here the alignment uses the exact and Porter-stem modules only,
-  through `nltk.translate.meteor_score.align_words` with an empty synonym lexicon. Scoring follows
-  Meteor 1.5 with its English ranking parameters (alpha 0.85, beta 0.20, gamma 0.60, stem matches
-  weighted 0.60), per-report scores taking the best reference, and the corpus score computed from the
-  pooled statistics (what COCO reports), including Meteor's "identical segment" rule (no fragmentation
-  penalty). As in Meteor's system score, the pooled chunk count is the sum over reports, so a corpus of
-  several reports generated word for word still scores below 1 (one chunk per report is penalised). Differences from Java METEOR: no synonym or paraphrase matches, no function-word weighting
-  (delta; every word counts as a content word), and nltk's greedy aligner instead of Meteor's search
-  for the alignment with the fewest chunks (repeated words can add chunks). The values are therefore
-  close to, but not the same as, published COCO METEOR numbers; they are consistent within this project.
+  tables ship inside its jar. WordNet for `nltk` is a separate download, and the PyPI packages checked
+  do not ship it either (`wn` 1.1.1 is a 95 kB wheel that downloads its data at run time), so here the
+  alignment uses the exact and Porter-stem modules only, through
+  `nltk.translate.meteor_score.align_words` with an empty synonym lexicon. Scoring follows Meteor 1.5
+  with its English ranking parameters (alpha 0.85, beta 0.20, gamma 0.60, stem matches weighted 0.60),
+  per-report scores taking the best reference, and the corpus score computed from the pooled
+  statistics (what COCO reports), with Meteor's "identical segment" rule (no fragmentation penalty).
+  As in Meteor's system score, the pooled chunk count is the sum over reports, so a corpus of several
+  reports generated word for word still scores below 1 (one chunk per report is penalised).
+  Differences from Java METEOR: no synonym or paraphrase matches, no function-word weighting (delta;
+  every word counts as a content word), and nltk's greedy aligner instead of Meteor's search for the
+  alignment with the fewest chunks (repeated words can add chunks). The values are therefore close to,
+  but not the same as, published COCO METEOR numbers; they are consistent within this project.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ _CARD_KINDS: dict[str, tuple[str, str | None, str]] = {
     "mstar_report_generation": ("report_generator.md", "image-to-text", "MStarForReportGeneration"),
     "mstar_gene": ("component.md", "feature-extraction", "MStarGeneEncoder"),
     "mstar_slide_classification": ("component.md", "image-classification", "MStarForSlideClassification"),
-    "mstar_survival": ("component.md", None, "MStarForSurvival"),
+    "mstar_survival": ("component.md", None, "MStarForSurvivalPrediction"),
 }
 
 _COMPONENTS = {

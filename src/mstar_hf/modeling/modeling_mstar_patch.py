@@ -28,9 +28,19 @@ def build_timm_backbone(config: MStarPatchConfig) -> nn.Module:
     return timm.create_model(config.architecture, pretrained=False, num_classes=0, img_size=config.img_size, **kwargs)
 
 
+# bookkeeping fields that change on save/load but not the encoder's function
+_UNHASHED = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures", "auto_map",
+             "_commit_hash", "_attn_implementation_autoset", "return_dict", "output_hidden_states",
+             "output_attentions", "id2label", "label2id"}
+
+
 def config_hash(config) -> str:
-    """A short, stable id of an encoder config (stored in feature files to tell encoders apart)."""
-    return hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+    """A short, stable id of an encoder config (stored in feature files to tell encoders apart): the same
+    for a freshly built model and for it saved and reloaded."""
+    import json
+
+    fields = {k: v for k, v in config.to_dict().items() if k not in _UNHASHED}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class MStarPatchPreTrainedModel(PreTrainedModel):

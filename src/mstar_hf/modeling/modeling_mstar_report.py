@@ -102,10 +102,10 @@ def patch_grid(coords: torch.Tensor) -> torch.Tensor:
     return rel // (min(steps) if steps else 1)
 
 
-def assign_regions(coords: torch.Tensor | None, num_patches: int, num_regions: int) -> torch.Tensor:
+def assign_regions(coords: torch.Tensor | None, num_patches: int, num_regions: int, device=None) -> torch.Tensor:
     """Region index [n] of every patch: patches in Hilbert order (input order without coords) cut into
     `num_regions` chunks whose sizes differ by at most one."""
-    device = coords.device if coords is not None else None
+    device = coords.device if coords is not None else device
     if coords is None:
         order = torch.arange(num_patches, device=device)
     else:
@@ -228,7 +228,7 @@ class MStarReportEncoder(nn.Module):
         for b in range(batch):
             rows = mask[b].nonzero().flatten()
             coords = None if patch_coords is None else patch_coords[b, rows]
-            region_ids[b, rows] = assign_regions(coords, len(rows), int(num_regions[b]))
+            region_ids[b, rows] = assign_regions(coords, len(rows), int(num_regions[b]), device=mask.device)
         # one flat pooling call for the whole batch: region r of slide b is pooled slot b * most + r
         flat_ids = (region_ids + torch.arange(batch, device=mask.device)[:, None] * most)[mask]
         pooled = self.region_pooling(agg.patch_embeds[mask], flat_ids, batch * most).view(batch, most, -1)
@@ -383,7 +383,9 @@ class MStarForReportGeneration(MStarReportPreTrainedModel, GenerationMixin):
             source = AutoModel.from_pretrained(source)
         aggregator = getattr(source, "aggregator", source)
         if not isinstance(aggregator, MStarSlideAggregator):
-            raise TypeError(f"init_aggregator_from: expected an MStarModel or MStarSlideAggregator, got {type(source).__name__}.")
+            raise TypeError(
+                f"init_aggregator_from: expected an MStarModel or MStarSlideAggregator, got {type(source).__name__}."
+            )
         mine, theirs = self.config.aggregator_config, aggregator.config
         for field in ("input_dim", "hidden_size", "num_attention_heads", "attention_head_dim", "num_landmarks"):
             if getattr(mine, field) != getattr(theirs, field):
@@ -400,8 +402,8 @@ class MStarForReportGeneration(MStarReportPreTrainedModel, GenerationMixin):
         width = patch_model.config.hidden_size
         if width != self.config.aggregator_config.input_dim:
             raise ValueError(
-                f"attach_patch_model: wrong feature width: the aggregator expects {self.config.aggregator_config.input_dim}-d "
-                f"patch features, the patch model gives {width}-d."
+                f"attach_patch_model: wrong feature width: the aggregator expects "
+                f"{self.config.aggregator_config.input_dim}-d patch features, the patch model gives {width}-d."
             )
         self.config.patch_config = patch_model.config
         self.patch_model = patch_model.to(self.device)
@@ -437,6 +439,8 @@ class MStarForReportGeneration(MStarReportPreTrainedModel, GenerationMixin):
                 )
         if decoder_input_ids is None:
             raise ValueError("MStarForReportGeneration.forward needs decoder_input_ids or labels (or use generate()).")
+        if use_cache is None and labels is not None:
+            use_cache = False  # teacher forcing needs no cache (and gradient checkpointing forbids one)
         decoder_outputs = self.decoder(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
@@ -468,7 +472,8 @@ class MStarForReportGeneration(MStarReportPreTrainedModel, GenerationMixin):
         # folder saved here loads with either `AutoModel` or `AutoModelForImageTextToText` and trust_remote_code.
         if type(self)._auto_class is not None:
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
-            auto_map.setdefault("AutoModelForImageTextToText", f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}")
+            name = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+            auto_map.setdefault("AutoModelForImageTextToText", name)
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 

@@ -11,7 +11,8 @@
 Inputs: a slide file (tissue segmentation, tiling and patch encoding with `mstar_hf.wsi`; the patch encoder
 is the one the model carries, `model.patch_model`, or `patch_model=` given to the pipeline), a features h5
 (`coords`, `features`), a features tensor / array `[N, D]`, or a dict `{"features": [N, D], "coords": [N, 2]}`.
-A list is preprocessed item by item and generated in batches of `batch_size` (default 4). Generation
+A list (or a dataset / generator, streamed) is read item by item and generated in batches of `batch_size`
+(default 4); a slide gets the same report alone or in a batch. Generation
 kwargs (`num_beams`, `max_new_tokens`, `do_sample`, `top_k`, `num_return_sequences`, `generation_config`,
 ...) pass through to `model.generate`; the defaults come from the model's generation config (beam 3,
 at most 100 new tokens).
@@ -73,30 +74,38 @@ class WSIReportGenerationPipeline(Pipeline):
 
     # ----- calls -----
     def __call__(self, inputs, **kwargs):
-        if isinstance(inputs, (list, tuple)):
-            return self._call_batched(list(inputs), **kwargs)
+        if isinstance(inputs, tuple):
+            inputs = list(inputs)
+        if isinstance(inputs, list) and not inputs:
+            raise ValueError("wsi-report-generation: got an empty list of inputs.")
         return super().__call__(inputs, **kwargs)
 
-    def _call_batched(self, inputs: list, batch_size: int | None = None, **kwargs) -> list:
-        if not inputs:
-            raise ValueError("wsi-report-generation: got an empty list of inputs.")
-        preprocess, forward, postprocess = self._sanitize_parameters(**kwargs)
-        preprocess = {**self._preprocess_params, **preprocess}
-        forward = {**self._forward_params, **forward}
-        postprocess = {**self._postprocess_params, **postprocess}
-        size = batch_size or self._batch_size or len(inputs)
-        results = []
-        for start in range(0, len(inputs), size):
-            items = [self.preprocess(x, **preprocess) for x in inputs[start:start + size]]
-            chunk = [None] * len(items)
-            # slides with and without coords are generated apart: a batch shares one region rule
-            for with_coords in (True, False):
-                rows = [i for i, it in enumerate(items) if ("patch_coords" in it) == with_coords]
-                if rows:
-                    outputs = self.forward(collate_slides([items[i] for i in rows]), **forward)
-                    for i, out in zip(rows, self.postprocess(outputs, **postprocess)):
-                        chunk[i] = out
-            results.extend(chunk)
+    def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
+        """Lists, datasets and generators: slides are read one by one and generated `batch_size` at a time
+        (results in input order, one list of dicts per input)."""
+
+        def results():
+            chunk = []
+            for item in inputs:
+                chunk.append(item)
+                if len(chunk) == batch_size:
+                    yield from self._run_chunk(chunk, preprocess_params, forward_params, postprocess_params)
+                    chunk = []
+            if chunk:
+                yield from self._run_chunk(chunk, preprocess_params, forward_params, postprocess_params)
+
+        return results()
+
+    def _run_chunk(self, inputs: list, preprocess_params, forward_params, postprocess_params) -> list:
+        items = [self.preprocess(x, **preprocess_params) for x in inputs]
+        results = [None] * len(items)
+        # slides with and without coords are generated apart: a batch shares one region rule
+        for with_coords in (True, False):
+            rows = [i for i, it in enumerate(items) if ("patch_coords" in it) == with_coords]
+            if rows:
+                outputs = self.forward(collate_slides([items[i] for i in rows]), **forward_params)
+                for i, out in zip(rows, self.postprocess(outputs, **postprocess_params)):
+                    results[i] = out
         return results
 
     def run_single(self, inputs, preprocess_params, forward_params, postprocess_params):
