@@ -48,10 +48,10 @@ def test_trains_checkpoints_resumes_and_evaluates(cohort, tmp_path):
     assert any("eval_loss" in r for r in records)
 
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "loss_curve.png",
-                 "eval_results.json", "report_generation_results.json", "report_generation_results.md",
+                 "eval_results.json", "report_results.json", "report_results.md",
                  "eval_predictions.jsonl", "training_args.json"):
         assert (out / name).is_file(), name
-    results = json.loads((out / "report_generation_results.json").read_text())
+    results = json.loads((out / "report_results.json").read_text())
     for who in ("model", "nearest_report_baseline"):
         assert set(results[who]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L"}
     print("after 6 steps, model:", {k: round(v, 4) for k, v in results["model"].items()})

@@ -15,7 +15,7 @@ against the reports as written). At the end the model is evaluated on the eval s
 (BLEU-1..4, METEOR, ROUGE-L as the COCO caption evaluation computes them), next to a baseline that
 copies the report of the nearest training slide (cosine of the model's slide embeddings), and
 `save_pretrained` writes the model and tokenizer (plus the image processor when a patch encoder is
-carried, so the folder turns slides into reports). Outputs: eval_results.json, report_generation_results.json,
+carried, so the folder turns slides into reports). Outputs: eval_results.json, report_results.json,
 eval_predictions.jsonl, loss_curve.png, training_args.json, checkpoint-N folders.
 
 Arguments: `python training/report_generation.py --help` (or one JSON file with all of them).
@@ -493,12 +493,12 @@ def run_report_generation(model_args: ReportModelArguments, data_args: ReportDat
                 for metric in values
             ])
             table = metrics_table(results)
-            (output_dir / "report_generation_results.md").write_text(
+            (output_dir / "report_results.md").write_text(
                 f"# Report generation on the '{data_args.eval_split}' split ({len(eval_set)} cases)\n\n{table}\n")
             accelerator.print(table)
         else:
             accelerator.print("no evaluation case (no eval split): metrics skipped")
-        (output_dir / "report_generation_results.json").write_text(json.dumps(results, indent=2))
+        (output_dir / "report_results.json").write_text(json.dumps(results, indent=2))
         if args.push_to_hub:
             push_to_hub(output_dir, args, "mSTAR report generator")
     accelerator.wait_for_everyone()

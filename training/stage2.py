@@ -38,7 +38,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mstar_hf.training_utils import (
@@ -63,6 +62,7 @@ from mstar_hf.training_utils.stage2 import (
     ReusableAutocast,
     Stage2Student,
     evaluate_student_teacher,
+    resolve_no_grad_precision,
     stage2_forward,
 )
 from mstar_hf.training_utils.stage2_data import (
@@ -106,8 +106,9 @@ class Stage2Arguments:
     ema_consistency_weight: float = field(default=0.6, metadata={"help": "Weight of the EMA consistency term."})
     ema_momentum: float = field(default=0.996, metadata={"help": "EMA momentum (per optimizer step)."})
     no_grad_precision: str = field(default="auto", metadata={
-        "help": "Precision of the no-grad branches (EMA forward, teacher re-embedding): auto (= the mixed "
-                "precision of the run), fp32, bf16 (cheaper where bf16 is fast: GPUs, CPUs with AMX)."})
+        "help": "Precision of the no-grad branches (EMA forward, teacher re-embedding): fp32, bf16, fp16, or "
+                "auto = the run's mixed precision if any, else bf16 where bf16 is fast (CUDA, CPUs with AMX), "
+                "else fp32. The student always trains in the run's precision."})
     augment: bool = field(default=True, metadata={"help": "H&E augmentation: flips, 90-degree turns, colour jitter."})
     color_jitter: float = field(default=0.05, metadata={"help": "Max relative brightness/contrast/saturation change."})
     hue_jitter: float = field(default=0.02, metadata={"help": "Max hue shift (fraction of the hue circle)."})
@@ -214,14 +215,13 @@ def no_zero3_init():
             hf_deepspeed.set_hf_deepspeed_config(config)
 
 
-def no_grad_autocast(accelerator, precision: str):
-    """Autocast for the no-grad branches (EMA forward, teacher): 'auto' follows the training's mixed
-    precision; the student's own forward gets its precision from Accelerate / DeepSpeed."""
-    if precision == "auto":
-        precision = str(accelerator.mixed_precision)
-    if precision in ("no", "fp32"):
-        return None
-    return ReusableAutocast(accelerator.device.type, precision)
+def no_grad_autocast(accelerator, requested: str):
+    """(autocast context or None, precision) for the no-grad branches (EMA forward, teacher); the
+    student's own forward gets its precision from Accelerate / DeepSpeed."""
+    precision = resolve_no_grad_precision(requested, str(accelerator.mixed_precision), accelerator.device)
+    if precision == "fp32":
+        return None, precision
+    return ReusableAutocast(accelerator.device.type, precision), precision
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
                 logger.warning("skipping slide: %s", row["reason"])
             if not usable:
                 raise SystemExit(f"{s2.manifest}: no usable slide for Stage 2 (see {failures_csv}).")
-            PatchMemoryBank.build(memory_dir, [(r, i) for r, i in usable], dtype=s2.memory_dtype,
+            PatchMemoryBank.build(memory_dir, usable, dtype=s2.memory_dtype,
                                   progress=not args.quiet)
     accelerator.wait_for_everyone()
     memory = PatchMemoryBank(memory_dir)
@@ -315,7 +315,7 @@ def main(argv=None) -> int:
     ema.to(device)
     aggregator.to(device)
     teacher = MemoryTeacher(aggregator, memory, s2.context_size, args.seed)
-    autocast = no_grad_autocast(accelerator, s2.no_grad_precision)
+    autocast, no_grad_precision = no_grad_autocast(accelerator, s2.no_grad_precision)
 
     engine = f"{type(model).__module__}.{type(model).__name__}"
     is_ds_engine = False
@@ -332,7 +332,7 @@ def main(argv=None) -> int:
             "num_processes": world, "mixed_precision": str(accelerator.mixed_precision), "device": str(device),
             "memory_slides": len(memory), "memory_patches": memory.num_rows, "memory_mib_per_10k_patches": per_10k,
             "train_slides": len(train_slides), "eval_patches": held.num_patches, "eval_source": eval_source,
-            "images_per_step": images_per_step, "no_grad_precision": s2.no_grad_precision,
+            "images_per_step": images_per_step, "no_grad_precision": no_grad_precision,
         }, indent=2))
         write_training_args(out, s2, args)
 
@@ -378,14 +378,18 @@ def main(argv=None) -> int:
     before_path = out / "eval_before.json"
     cos_before = None
     if held.num_patches:
-        if resume is not None and before_path.is_file():
-            cos_before = json.loads(before_path.read_text())["heldout_cosine"]
+        if resume is not None:  # measured at the start of the first run; unknown if it was not
+            if before_path.is_file():
+                cos_before = json.loads(before_path.read_text())["heldout_cosine"]
+            else:
+                logger.warning("%s missing: the held-out cosine before training is unknown", before_path)
         else:
             cos_before = evaluate()
             if accelerator.is_main_process:
                 before_path.write_text(json.dumps({"heldout_cosine": cos_before, "patches": held.num_patches}))
-        logger.info("held-out student-teacher cosine before training: %.4f (%d patches, %s)", cos_before,
-                    held.num_patches, eval_source)
+        if cos_before is not None:
+            logger.info("held-out student-teacher cosine before training: %.4f (%d patches, %s)", cos_before,
+                        held.num_patches, eval_source)
 
     dataset = Stage2StepDataset(memory_dir, memory.slides, my_slides, s2.slides_per_step, s2.patches_per_slide,
                                 num_items=args.max_train_steps * ga, transform=transform,
@@ -458,7 +462,8 @@ def main(argv=None) -> int:
     if held.num_patches:
         cos_after = evaluate()
         results.update(heldout_cosine_before=cos_before, heldout_cosine_after=cos_after)
-        accelerator.print(f"held-out student-teacher cosine: before {cos_before:.4f} -> after {cos_after:.4f} "
+        before_text = "unknown" if cos_before is None else f"{cos_before:.4f}"
+        accelerator.print(f"held-out student-teacher cosine: before {before_text} -> after {cos_after:.4f} "
                           f"({held.num_patches} patches, {eval_source})")
         if args.with_tracking:
             accelerator.log({"eval/heldout_cosine": cos_after}, step=step)
@@ -486,7 +491,7 @@ def main(argv=None) -> int:
 
 def save_final(s2: Stage2Arguments, args: CommonTrainingArguments, state: dict, ema: EMAModel, image_processor,
                results: dict, out: Path):
-    from mstar_hf.modeling import MStarModel, MStarPatchModel
+    from mstar_hf.modeling import MStarPatchModel
 
     patch_state = {k[len("patch_model."):]: v.float() for k, v in state.items() if k.startswith("patch_model.")}
     proj_state = {k[len("patch_projection."):]: v.float() for k, v in state.items() if k.startswith("patch_projection.")}
@@ -497,11 +502,10 @@ def save_final(s2: Stage2Arguments, args: CommonTrainingArguments, state: dict, 
     mstar.patch_model.load_state_dict(patch_state, strict=True)
     mstar.patch_projection.load_state_dict(proj_state, strict=True)
     patch_model: MStarPatchModel = mstar.patch_model
-    patch_model.config.gradient_checkpointing = False
 
     evals = []
     if results.get("heldout_cosine_after") is not None:
-        for when in ("before", "after"):
+        for when in [w for w in ("before", "after") if results.get(f"heldout_cosine_{w}") is not None]:
             evals.append({"task": "stage2-self-taught-distillation", "metric": "cosine",
                           "name": f"held-out student-teacher cosine ({when} Stage 2)",
                           "value": float(results[f"heldout_cosine_{when}"]), "dataset": Path(s2.manifest).parent.name,

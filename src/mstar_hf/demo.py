@@ -35,14 +35,14 @@ class DemoSettings:
     max_patches: int = 256
     stage1_steps: int = 120
     stage2_steps: int = 40
-    report_steps: int = 150
+    report_steps: int = 300
     few_shot_support: int = 4
     extra: dict = field(default_factory=dict)
 
     @classmethod
     def quick(cls, **kw) -> "DemoSettings":
         return cls(**{**dict(cases_per_type=10, slide_size=(1024, 1024), num_genes=64, stage1_steps=60,
-                             stage2_steps=12, report_steps=60), **kw})
+                             stage2_steps=12, report_steps=150), **kw})
 
 
 def minilm_path() -> str | None:
@@ -187,7 +187,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
                                 "--max_train_steps", str(settings.report_steps), "--eval_split", "test",
                                 "--decoder_hidden_size", "128", "--decoder_heads", "4", "--learning_rate", "1e-3",
                                 "--max_patches", str(settings.max_patches), *common])
-        report_results = json.loads((report_dir / "report_results.json").read_text())
+        report_results = json.loads((report_dir / "report_generation_results.json").read_text())
 
     with timer.stage("7/8 held-out zero-shot, few-shot and report generation (pipelines)"):
         labels = {k: v for k, v in info["class_prompts"].items()} if isinstance(info["class_prompts"], dict) else None

@@ -94,6 +94,32 @@ class ReusableAutocast:
         return self._stack.pop().__exit__(*exc)
 
 
+def bf16_is_fast(device) -> bool:
+    """bf16 matmuls run faster than fp32 here: a CUDA GPU with bf16, or a CPU with AMX tiles."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(amx is not None and amx())
+    return False
+
+
+def resolve_no_grad_precision(requested: str, mixed_precision: str, device) -> str:
+    """Precision of the no-grad branches (EMA forward, teacher): 'fp32', 'bf16' or 'fp16'.
+
+    'auto': the run's mixed precision when it has one, else bf16 where bf16 is fast, else fp32. These
+    branches only produce memory features and regression targets, and bf16 rounding (about 0.4% per
+    value) is far below what the losses resolve; in fp32 their forward passes would cost more than a
+    third of the student's forward+backward.
+    """
+    if requested != "auto":
+        return requested
+    if mixed_precision in ("bf16", "fp16"):
+        return mixed_precision
+    return "bf16" if bf16_is_fast(device) else "fp32"
+
+
 class MemoryTeacher:
     """The frozen Stage 1 aggregator reading slides from the memory bank."""
 
@@ -195,6 +221,8 @@ __all__ = [
     "LOSSES",
     "MemoryTeacher",
     "ReusableAutocast",
+    "bf16_is_fast",
+    "resolve_no_grad_precision",
     "Stage2Student",
     "Stage2StepOutput",
     "consistency_loss",
