@@ -37,9 +37,10 @@ def test_trains_checkpoints_resumes_and_evaluates(cohort, tmp_path):
     # 18 cases, 12 in train of which one has no report: skipped
     assert first["train_cases"] == 11 and first["eval_cases"] == 3 and first["steps"] == 4
     assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
+    assert (out / "checkpoint-4" / "tokenizer.json").is_file(), "a resumed run reuses the checkpoint's tokenizer"
 
     resumed = script.main(args + ["--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
-    assert resumed["steps"] == 6
+    assert resumed["steps"] == 6 and resumed["engine"] != "DeepSpeedEngine"
     records = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6], "the resumed run continues the loss log without repeating steps"
@@ -94,13 +95,20 @@ def test_stage1_initialisation_and_bad_input(cohort, tmp_path):
         script.train_bpe_tokenizer(["", "  "])
 
 
-def test_accelerate_launch(cohort, tmp_path):
+def test_accelerate_launch_with_deepspeed(cohort, tmp_path):
+    """`accelerate launch` with DeepSpeed ZeRO-2 (one CPU process), checkpoint and resume."""
     out = tmp_path / "launched"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "training" / "report_generation.py"),
-           "--manifest", str(cohort), "--output_dir", str(out), *TINY, "--max_train_steps", "2", "--max_eval_samples", "1"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "copy nearest training report" in done.stdout
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "2",
+           "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "training" / "report_generation.py"), "--manifest", str(cohort), "--output_dir", str(out), *TINY,
+           "--checkpointing_steps", "2", "--max_eval_samples", "1"]
+    for steps, extra in (("2", []), ("3", ["--resume_from_checkpoint", "latest"])):
+        done = subprocess.run(cmd + ["--max_train_steps", steps, *extra], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "copy nearest training report" in done.stdout and "resuming from" in done.stdout
+    results = json.loads((out / "report_results.json").read_text())
+    assert results["engine"] == "DeepSpeedEngine" and results["steps"] == 3
+    assert (out / "checkpoint-2" / "pytorch_model").is_dir()  # a DeepSpeed ZeRO checkpoint
     assert (out / "model.safetensors").is_file() and (out / "eval_results.json").is_file()

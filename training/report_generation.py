@@ -225,7 +225,8 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 
 
 # ----- model -----------------------------------------------------------------------------------------
-def build_tokenizer_and_model(model_args: ReportModelArguments, data_args: ReportDataArguments, train_reports, width: int):
+def build_tokenizer_and_model(model_args: ReportModelArguments, data_args: ReportDataArguments, train_reports, width: int,
+                              checkpoint: Path | None = None):
     from transformers import AutoTokenizer, GPT2Config
 
     from mstar_hf.modeling import MStarForReportGeneration, MStarPatchModel, MStarReportGenerationConfig
@@ -235,7 +236,9 @@ def build_tokenizer_and_model(model_args: ReportModelArguments, data_args: Repor
         model = MStarForReportGeneration.from_pretrained(model_args.model_name_or_path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
         return tokenizer, model
-    if model_args.tokenizer_name_or_path:
+    if checkpoint is not None and (checkpoint / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)  # resuming: the very tokenizer the weights were trained with
+    elif model_args.tokenizer_name_or_path:
         tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
     else:
         tokenizer = train_bpe_tokenizer(train_reports, vocab_size=model_args.tokenizer_vocab_size)
@@ -387,7 +390,8 @@ def run_report_generation(model_args: ReportModelArguments, data_args: ReportDat
     if len(train_rows) == 0:
         raise ValueError(f"{data_args.manifest}: the '{data_args.train_split}' split has no case with a report.")
     width = feature_width(train_rows)
-    tokenizer, model = build_tokenizer_and_model(model_args, data_args, list(train_rows["report"]), width)
+    checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    tokenizer, model = build_tokenizer_and_model(model_args, data_args, list(train_rows["report"]), width, checkpoint)
     if model.config.aggregator_config.input_dim != width:
         raise ValueError(f"{data_args.manifest}: wrong feature width: expected {model.config.aggregator_config.input_dim}, "
                          f"got {width} (features from another encoder?).")
@@ -410,10 +414,10 @@ def run_report_generation(model_args: ReportModelArguments, data_args: ReportDat
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
                               num_training_steps=args.max_train_steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    engine = type(model).__name__  # DeepSpeedEngine under `accelerate launch --use_deepspeed`
 
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     completed = 0
-    checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is not None:
         accelerator.print(f"resuming from {checkpoint}")
         accelerator.load_state(str(checkpoint))
@@ -453,7 +457,9 @@ def run_report_generation(model_args: ReportModelArguments, data_args: ReportDat
                 if args.with_tracking:
                     accelerator.log({"train/loss": value, "train/lr": scheduler.get_last_lr()[0]}, step=completed)
             if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, completed, {"loss": value})
+                saved_at = save_checkpoint(accelerator, args.output_dir, completed, {"loss": value})
+                if accelerator.is_main_process:
+                    tokenizer.save_pretrained(saved_at)
             if args.eval_steps and completed % args.eval_steps == 0 and len(eval_set):
                 # teacher-forced loss on the eval split (cheap); the text metrics run once, at the end
                 held_out = eval_loss(accelerator.unwrap_model(model), eval_loader, accelerator)
@@ -466,7 +472,7 @@ def run_report_generation(model_args: ReportModelArguments, data_args: ReportDat
 
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
-    results = {"steps": completed, "num_processes": accelerator.num_processes, "train_cases": len(train_set),
+    results = {"engine": engine, "steps": completed, "num_processes": accelerator.num_processes, "train_cases": len(train_set),
                "eval_cases": len(eval_set), "first_losses": history[:5], "last_losses": history[-5:]}
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)

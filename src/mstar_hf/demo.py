@@ -187,7 +187,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
                                 "--max_train_steps", str(settings.report_steps), "--eval_split", "test",
                                 "--decoder_hidden_size", "128", "--decoder_heads", "4", "--learning_rate", "1e-3",
                                 "--max_patches", str(settings.max_patches), *common])
-        report_results = json.loads((report_dir / "report_generation_results.json").read_text())
+        report_results = json.loads((report_dir / "report_results.json").read_text())
 
     with timer.stage("7/8 held-out zero-shot, few-shot and report generation (pipelines)"):
         labels = {k: v for k, v in info["class_prompts"].items()} if isinstance(info["class_prompts"], dict) else None
@@ -248,7 +248,8 @@ def run_on_real_slide(slide, stage1_dir, report_dir, labels, out_dir) -> dict:
     result = classifier(slide, candidate_labels=labels, return_patch_scores=True)
     heatmap = save_zero_shot_heatmap(result, out_dir / "zero_shot_heatmap.png")
     features = pipeline("wsi-feature-extraction", model=str(stage1_dir))(slide)
-    report = pipeline("wsi-report-generation", model=str(report_dir))(slide)
+    # the package is installed, so its registered classes serve: never prompt for the folder's copy of the code
+    report = pipeline("wsi-report-generation", model=str(report_dir), trust_remote_code=False)(slide)
     return {
         "zero_shot": result["predictions"],
         "num_patches": int(features["patch_features"].shape[0]),
