@@ -3,6 +3,7 @@ carry the cancer type (so a report generator can learn something), and tiny mode
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import sys
 from pathlib import Path
@@ -11,6 +12,19 @@ import numpy as np
 import torch
 
 FEATURE_DIM = 16
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models run thousands of small ops per step: with two OpenMP threads on a busy 2-core machine
+    each op can wait a scheduler slice for the other thread (measured: 30 steps 1.5 s on one thread,
+    11-106 s on two), so these tests run on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def tiny_report_config(input_dim: int = FEATURE_DIM, vocab_size: int = 64, region_size: int = 8, **kwargs):

@@ -10,6 +10,7 @@ from report_generation_fixtures import (
     FEATURE_DIM,
     grid_coords,
     load_training_script,
+    one_thread,
     overfit,
     tiny_report_config,
     type_features,
@@ -20,6 +21,12 @@ import mstar_hf
 from mstar_hf import MStarForReportGeneration, MStarReportGenerationConfig, build_report_labels
 from mstar_hf.evaluation.caption_metrics import compute_caption_metrics
 from mstar_hf.modeling.modeling_mstar_report import assign_regions, hilbert_index
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def _slides(num: int, seed: int = 0, sizes=None):

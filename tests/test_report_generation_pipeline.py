@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 import torch
-from report_generation_fixtures import grid_coords, load_training_script, overfit, tiny_report_config, type_features
+from report_generation_fixtures import (
+    grid_coords,
+    load_training_script,
+    one_thread,
+    overfit,
+    tiny_report_config,
+    type_features,
+)
 from transformers import pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -17,6 +24,12 @@ DIM = 64  # the tiny patch encoder's width
 REPORTS = ["Adenocarcinoma of the lung, grade 2. Tumor cells are TTF-1 positive.",
            "Squamous cell carcinoma, keratinizing. Tumor cells are p40 positive.",
            "Clear cell renal cell carcinoma. Margins are negative for tumor."]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

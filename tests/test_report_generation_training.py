@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from report_generation_fixtures import load_training_script, make_feature_cohort
+from report_generation_fixtures import load_training_script, make_feature_cohort, one_thread
 from transformers import AutoModel, AutoTokenizer
 
 import mstar_hf  # noqa: F401  (registers the Auto classes)
@@ -21,6 +21,12 @@ DIM = 64  # the tiny presets' width, so a tiny Stage 1 MStarModel fits the featu
 TINY = ["--model_size", "tiny", "--decoder_layers", "2", "--decoder_hidden_size", "32", "--decoder_heads", "2",
         "--region_size", "8", "--tokenizer_vocab_size", "400", "--max_new_tokens", "12", "--num_beams", "3",
         "--with_tracking", "false", "--quiet", "true", "--per_device_train_batch_size", "4"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
