@@ -33,7 +33,7 @@ class DemoSettings:
     slide_size: tuple = (1536, 1536)
     num_genes: int = 128
     max_patches: int = 256
-    stage1_steps: int = 120
+    stage1_steps: int = 200
     stage2_steps: int = 40
     report_steps: int = 300
     few_shot_support: int = 4
@@ -41,7 +41,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls, **kw) -> "DemoSettings":
-        return cls(**{**dict(cases_per_type=10, slide_size=(1024, 1024), num_genes=64, stage1_steps=60,
+        return cls(**{**dict(cases_per_type=10, slide_size=(1024, 1024), num_genes=64, stage1_steps=120,
                              stage2_steps=12, report_steps=150), **kw})
 
 
@@ -163,7 +163,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
         stage1 = run_stage1(
             Stage1ModelArguments(patch_model_name_or_path=str(init_dir), model_size="tiny",
                                  text_model_name_or_path=text_model, text_learning_rate=1e-4),
-            Stage1DataArguments(manifest=str(manifest), max_patches=settings.max_patches, eval_split="test"),
+            Stage1DataArguments(manifest=str(manifest), max_patches=settings.max_patches, eval_split="val,test"),
             Stage1TrainingArguments(output_dir=str(stage1_dir), max_train_steps=settings.stage1_steps,
                                     per_device_train_batch_size=8, learning_rate=1e-3, num_warmup_steps=5,
                                     with_tracking=False, quiet=quiet, seed=settings.seed),
@@ -192,7 +192,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
     with timer.stage("7/8 held-out zero-shot, few-shot and report generation (pipelines)"):
         labels = {k: v for k, v in info["class_prompts"].items()} if isinstance(info["class_prompts"], dict) else None
         labels = labels or cohort_data.class_prompts(info["cancer_types"])
-        test_cases = [c for c in cohort if c["split"] == "test"]
+        # every case no training step saw (val and test): more held-out cases than the test split alone
+        test_cases = [c for c in cohort if c["split"] in ("val", "test")]
         train_cases = [c for c in cohort if c["split"] == "train"]
         heatmaps = out / "heatmaps"
         heatmaps.mkdir(exist_ok=True)
@@ -219,8 +220,9 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
         "text_encoder": "all-MiniLM-L6-v2 (pretrained, offline)" if text_model else "small BERT, tokenizer trained on the reports",
         "extraction": {k: extraction[k] for k in ("done", "patches") if k in extraction},
         "stage1_retrieval": stage1["retrieval"],
-        "stage2": {k: stage2_results.get(k) for k in ("cosine_before", "cosine_after") if k in stage2_results}
-                  or stage2_results,
+        "stage2": {"cosine_before": stage2_results["heldout_cosine_before"],
+                   "cosine_after": stage2_results["heldout_cosine_after"],
+                   "heldout_patches": stage2_results.get("heldout_patches"), "steps": stage2_results.get("steps")},
         "zero_shot": {m: {k: v for k, v in r.items() if k not in ("predicted", "truth")} for m, r in zero_shot.items()},
         "few_shot": {k: v for k, v in few_shot.items() if k not in ("predicted", "truth")},
         "report_generation": report_results,

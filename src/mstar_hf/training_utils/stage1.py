@@ -67,7 +67,7 @@ class Stage1DataArguments:
     max_report_length: int = field(default=512)
     tokenizer_vocab_size: int = field(default=2048, metadata={"help": "When a tokenizer is trained on the reports."})
     train_split: str = field(default="train")
-    eval_split: str = field(default="val")
+    eval_split: str = field(default="val", metadata={"help": "Held-out split(s) for retrieval, comma-separated (e.g. val,test)."})
 
 
 @dataclass
@@ -219,7 +219,8 @@ def run_stage1(model_args: Stage1ModelArguments, data_args: Stage1DataArguments,
     cohort = load_cohort(data_args.manifest)
     if "split" in cohort.column_names and data_args.train_split in set(cohort["split"]):
         train_set = cohort.filter(lambda s: s == data_args.train_split, input_columns="split")
-        eval_set = cohort.filter(lambda s: s == data_args.eval_split, input_columns="split")
+        eval_splits = {name.strip() for name in data_args.eval_split.split(",")}
+        eval_set = cohort.filter(lambda s: s in eval_splits, input_columns="split")
     else:
         split = cohort.train_test_split(test_size=0.15, seed=args.seed)
         train_set, eval_set = split["train"], split["test"]
