@@ -83,3 +83,36 @@ print("offline-ok", type(model).__name__)
            "PYTHONPATH": os.pathsep.join([SRC, hub_server.env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "offline-ok MStarModel" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def test_report_generator_push_download_load_pipeline(hub_server, tmp_path):  # noqa: F811
+    from report_generation_fixtures import grid_coords, load_training_script, overfit, tiny_report_config
+    from transformers import AutoModelForImageTextToText
+
+    from mstar_hf import MStarForReportGeneration
+    from mstar_hf.modeling.modeling_mstar_report import build_report_labels
+
+    tokenizer = load_training_script().train_bpe_tokenizer(REPORTS * 3, vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    config = tiny_report_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = MStarForReportGeneration(config)
+    feats = torch.randn(3, 12, 16)
+    coords = torch.from_numpy(grid_coords(12))[None].expand(3, -1, -1).contiguous()
+    batch = {"patch_features": feats, "patch_coords": coords,
+             "labels": build_report_labels(tokenizer, REPORTS, max_length=64)}
+    overfit(model, batch, steps=10)  # a trained, not freshly initialised, generator
+    folder = tmp_path / "reports"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    push_folder(folder, "mstar-tester/report-tiny")
+    assert (Path(snapshot_download("mstar-tester/report-tiny")) / "README.md").is_file()
+    hub = AutoModelForImageTextToText.from_pretrained("mstar-tester/report-tiny").eval()
+    for key, value in model.state_dict().items():
+        assert torch.equal(hub.state_dict()[key], value), key
+    inputs = {"patch_features": feats[:1], "patch_coords": coords[:1]}
+    assert torch.equal(model.generate(**inputs, max_new_tokens=8, num_beams=1),
+                       hub.generate(**inputs, max_new_tokens=8, num_beams=1))
+    generator = pipeline("wsi-report-generation", model="mstar-tester/report-tiny", trust_remote_code=False)
+    out = generator({"features": feats[0], "coords": coords[0]}, max_new_tokens=8)
+    assert isinstance(out[0]["generated_text"], str)
