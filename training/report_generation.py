@@ -34,6 +34,7 @@ from transformers import HfArgumentParser
 
 from mstar_hf.training_utils import (
     CommonTrainingArguments,
+    EpochShuffleSampler,
     LossLog,
     build_optimizer,
     checkpoint_step,
@@ -205,23 +206,6 @@ def pad_slides(features: list[torch.Tensor], coords: list[torch.Tensor | None]) 
         if with_coords:
             out["patch_coords"][i, : len(f)] = coords[i]
     return out
-
-
-class EpochShuffleSampler(torch.utils.data.Sampler):
-    """A permutation that depends only on (seed, epoch), so a resumed run sees the same order."""
-
-    def __init__(self, length: int, seed: int):
-        self.length, self.seed, self.epoch = length, seed, 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
-
-    def __len__(self):
-        return self.length
 
 
 # ----- model -----------------------------------------------------------------------------------------

@@ -214,8 +214,28 @@ def build_optimizer(model, args: CommonTrainingArguments, params=None):
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
 
 
+class EpochShuffleSampler:
+    """A permutation that depends only on (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __iter__(self):
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self):
+        return self.length
+
+
 __all__ = [
     "CommonTrainingArguments",
+    "EpochShuffleSampler",
     "LossLog",
     "build_optimizer",
     "checkpoint_step",

@@ -15,6 +15,7 @@ import torch
 
 from .common import (
     CommonTrainingArguments,
+    EpochShuffleSampler,
     LossLog,
     build_optimizer,
     checkpoint_step,
@@ -145,23 +146,6 @@ def build_processor_and_model(model_args: Stage1ModelArguments, data_args: Stage
     )
     _ = AutoConfig  # the text config type is resolved by MStarConfig
     return model, processor
-
-
-class EpochShuffleSampler(torch.utils.data.Sampler):
-    """A permutation that depends only on (seed, epoch), so a resumed run sees the same order."""
-
-    def __init__(self, length: int, seed: int):
-        self.length, self.seed, self.epoch = length, seed, 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
-
-    def __len__(self):
-        return self.length
 
 
 def make_loader(dataset, processor, data_args, batch_size: int, seed: int, shuffle: bool, feature_dim: int, workers: int):
