@@ -16,7 +16,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_slide() -> Path:
     if not REAL_SLIDE.is_file():
         pytest.fail(f"the shared test slide is missing: {REAL_SLIDE}")

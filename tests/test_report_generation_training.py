@@ -101,6 +101,18 @@ def test_stage1_initialisation_and_bad_input(cohort, tmp_path):
         script.train_bpe_tokenizer(["", "  "])
 
 
+def test_eval_on_several_splits_and_the_saved_decoding(cohort, tmp_path):
+    script = load_training_script()
+    out = tmp_path / "run"
+    results = script.main(["--manifest", str(cohort), "--output_dir", str(out), *TINY, "--max_train_steps", "2",
+                           "--eval_split", "val,test", "--num_beams", "1"])
+    # 18 cases: 3 in val and 3 in test, one of the 12 training cases without a report
+    assert results["steps"] == 2 and results["eval_cases"] == 6 and results["train_cases"] == 11
+    # the folder generates as it was evaluated
+    assert MStarForReportGeneration.from_pretrained(out).generation_config.num_beams == 1
+    assert "(greedy)" in (out / "report_results.md").read_text()
+
+
 def test_accelerate_launch_with_deepspeed(cohort, tmp_path):
     """`accelerate launch` with DeepSpeed ZeRO-2 (one CPU process), checkpoint and resume."""
     out = tmp_path / "launched"

@@ -85,7 +85,9 @@ class ReportDataArguments:
     max_patches: int = field(default=4096, metadata={"help": "Patches sampled (or all, if fewer) per slide."})
     max_report_tokens: int = field(default=128, metadata={"help": "Report tokens per training target (incl. the end token)."})
     train_split: str = field(default="train")
-    eval_split: str = field(default="val", metadata={"help": "Evaluation split (falls back to 'test' when absent)."})
+    eval_split: str = field(
+        default="val", metadata={"help": "Evaluation split(s), comma-separated (falls back to 'test' when absent)."}
+    )
     max_eval_samples: int | None = field(default=None)
 
 
@@ -329,11 +331,12 @@ def evaluate(model, tokenizer, train_set, eval_set, args, device) -> dict:
     }
 
 
-def metrics_table(results: dict) -> str:
+def metrics_table(results: dict, num_beams: int = 3) -> str:
     from mstar_hf.evaluation.caption_metrics import METRIC_NAMES
 
+    decoding = "greedy" if num_beams == 1 else f"beam {num_beams}"
     lines = ["| | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
-    for name, label in (("model", "MStarForReportGeneration (beam search)"),
+    for name, label in (("model", f"MStarForReportGeneration ({decoding})"),
                         ("nearest_report_baseline", "copy nearest training report")):
         lines.append(f"| {label} | " + " | ".join(f"{results[name][m]:.4f}" for m in METRIC_NAMES) + " |")
     return "\n".join(lines)
@@ -345,9 +348,9 @@ def split_cases(cohort, data_args: ReportDataArguments, seed: int):
     a seeded 85/15 split."""
     splits = list(cohort["split"]) if "split" in cohort.column_names else []
     if data_args.train_split in splits:
-        eval_name = data_args.eval_split if data_args.eval_split in splits else "test"
+        eval_names = [name for name in data_args.eval_split.split(",") if name in splits] or ["test"]
         train = cohort.select([i for i, s in enumerate(splits) if s == data_args.train_split])
-        evaluation = cohort.select([i for i, s in enumerate(splits) if s == eval_name])
+        evaluation = cohort.select([i for i, s in enumerate(splits) if s in eval_names])
     else:
         parts = cohort.train_test_split(test_size=0.15, seed=seed)
         train, evaluation = parts["train"], parts["test"]
@@ -460,6 +463,9 @@ def run_report_generation(model_args: ReportModelArguments, data_args: ReportDat
                "eval_cases": len(eval_set), "first_losses": history[:5], "last_losses": history[-5:]}
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
+        # the folder generates as it was evaluated (pipelines read generation_config.json)
+        unwrapped.generation_config.num_beams = args.num_beams
+        unwrapped.generation_config.max_new_tokens = args.max_new_tokens
         unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(output_dir)
         if unwrapped.patch_model is not None:
@@ -482,7 +488,7 @@ def run_report_generation(model_args: ReportModelArguments, data_args: ReportDat
                                     ("nearest training report", results["nearest_report_baseline"]))
                 for metric in values
             ])
-            table = metrics_table(results)
+            table = metrics_table(results, args.num_beams)
             (output_dir / "report_results.md").write_text(
                 f"# Report generation on the '{data_args.eval_split}' split ({len(eval_set)} cases)\n\n{table}\n")
             accelerator.print(table)

@@ -7,9 +7,12 @@ def register(subparsers):
         help="build a synthetic multimodal cohort, run Stage 1 + Stage 2, the report generator and the pipelines",
         description="The whole mSTAR paradigm in minutes on 2 CPU cores, on data it makes itself.",
     )
-    parser.add_argument("--out", default="demo_out", help="output folder (models, results.json, summary.md, plots)")
+    parser.add_argument("--out", default="demo_out",
+                        help="output folder (models, results.json, summary.md, plots); an interrupted demo in it resumes")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="empty --out first when it holds something else (or a demo with other settings)")
     parser.add_argument("--types", type=int, default=3, help="cancer types")
-    parser.add_argument("--cases", type=int, default=None, help="cases per type (default 16; --quick: 10)")
+    parser.add_argument("--cases", type=int, default=None, help="cases per type (default 16; --quick: 10; minimum 5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="the <= 3 minute variant")
     parser.add_argument("--slide", default=None, help="also run the pipelines on this real slide (e.g. CMU-1-Small-Region.svs)")
@@ -18,16 +21,26 @@ def register(subparsers):
 
 
 def run(args) -> int:
+    import sys
     from pathlib import Path
 
     from ..demo import DemoSettings, run_demo
+    from ..demo_state import DemoFolderError
 
     if args.slide and not Path(args.slide).is_file():
-        print(f"mstar-hf demo: error: --slide {args.slide}: no such file.")
+        print(f"mstar-hf demo: error: --slide {args.slide}: no such file.", file=sys.stderr)
         return 2
     overrides = {"num_types": args.types, "seed": args.seed}
     if args.cases is not None:
         overrides["cases_per_type"] = args.cases
-    settings = DemoSettings.quick(**overrides) if args.quick else DemoSettings(**overrides)
-    run_demo(args.out, settings, slide=args.slide, quiet=args.quiet)
+    try:
+        settings = DemoSettings.quick(**overrides) if args.quick else DemoSettings(**overrides)
+    except ValueError as error:  # e.g. too few cases per type for the splits
+        print(f"mstar-hf demo: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        run_demo(args.out, settings, slide=args.slide, quiet=args.quiet, overwrite=args.overwrite)
+    except DemoFolderError as error:
+        print(f"mstar-hf demo: error: {error}", file=sys.stderr)
+        return 2
     return 0

@@ -8,10 +8,12 @@ def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, ks=(1, 5, 10), label
     """Recall@k of retrieving row i of `gallery` for row i of `query` (L2-normalised `[n, P]` each).
 
     Returns `{"R@k": ..., "chance@k": k/n, "n": n}`; with `labels` (e.g. cancer types) also
-    `"type_R@1"`: the top-1 item has the query's label (chance: mean share of a case's label among
-    the other items). Instance recall is bounded by how distinguishable cases are: when modalities
-    share only the cancer type, same-type cases are interchangeable and R@1 tops out near 1/(cases
-    per type), which is why the type-level figure is reported beside it.
+    `"type_R@1"`: the top-1 item has the query's label (chance: the share of gallery items with the
+    query's label, averaged over queries) and `"type_only_R@1"`: the instance R@1 expected of a
+    retriever that knows every label and nothing else (the mean of 1 / items with the query's label).
+    Instance recall is bounded by how distinguishable cases are: when modalities share only the
+    cancer type, same-type cases are interchangeable and R@1 is expected near `type_only_R@1`, which
+    is why the type-level figure is reported beside it.
     """
     n = query.shape[0]
     if n == 0 or gallery.shape[0] != n:
@@ -30,6 +32,7 @@ def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, ks=(1, 5, 10), label
         out["type_R@1"] = float((labels[top1] == labels).float().mean())
         same = (labels[:, None] == labels[None, :]).float()
         out["type_chance@1"] = float(same.mean())
+        out["type_only_R@1"] = float((1.0 / same.sum(dim=1)).mean())
     return out
 
 
