@@ -31,20 +31,23 @@ def quick_demo(tmp_path_factory, real_slide):
     """`mstar-hf demo --quick` killed (SIGKILL) right after Stage 1 finished, then run again to the end."""
     out = tmp_path_factory.mktemp("demo") / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    log = out.parent / "first_run.log"  # a file, not a pipe: a full pipe would block the demo
     start = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "mstar_hf.cli", "demo", "--quick", "--out", str(out), "--quiet"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        while "stage1" not in _finished(out):
-            if proc.poll() is not None:
-                pytest.fail(f"the demo exited ({proc.returncode}) before Stage 1 finished: {proc.stderr.read()[-3000:]!r}")
-            if time.time() - start > 900:
-                pytest.fail("Stage 1 of the quick demo did not finish within 15 minutes")
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-        proc.stderr.close()
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "mstar_hf.cli", "demo", "--quick", "--out", str(out), "--quiet"],
+                                env=env, stdout=handle, stderr=subprocess.STDOUT)
+        try:
+            while "stage1" not in _finished(out):
+                if proc.poll() is not None:
+                    pytest.fail(f"the demo exited ({proc.returncode}) before Stage 1 finished: "
+                                f"{log.read_text(errors='replace')[-3000:]}")
+                if time.time() - start > 900:
+                    pytest.fail("Stage 1 of the quick demo did not finish within 15 minutes")
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
     first_run_s = time.time() - start
     killed_state = _finished(out)
     assert not (out / "results.json").exists()

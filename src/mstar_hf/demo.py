@@ -321,7 +321,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
                    "heldout_patches": stage2_results.get("heldout_patches"), "steps": stage2_results.get("steps")},
         "zero_shot": {m: {k: v for k, v in r.items() if k not in ("predicted", "truth")} for m, r in zero_shot.items()},
         "few_shot": {k: v for k, v in few_shot.items() if k not in ("predicted", "truth")},
-        # held-out reports through the pipeline (val + test); the training script's own figures are on test
+        # held-out reports through the pipeline (val + test); the training script evaluates them with generate()
         "report_generation": reports,
         "report_generation_training_eval": {k: report_results.get(k) for k in
                                             ("eval_cases", "model", "nearest_report_baseline", "steps")},
