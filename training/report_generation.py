@@ -41,6 +41,7 @@ from mstar_hf.training_utils import (
     find_checkpoint,
     make_accelerator,
     push_to_hub,
+    resumable_batches,
     save_checkpoint,
     write_eval_results,
     write_training_args,
@@ -403,7 +404,6 @@ def run_report_generation(model_args: ReportModelArguments, data_args: ReportDat
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     engine = type(model).__name__  # DeepSpeedEngine under `accelerate launch --use_deepspeed`
 
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     completed = 0
     if checkpoint is not None:
         accelerator.print(f"resuming from {checkpoint}")
@@ -416,45 +416,41 @@ def run_report_generation(model_args: ReportModelArguments, data_args: ReportDat
                     disable=args.quiet or not accelerator.is_local_main_process)
     model.train()
     history = []
-    while completed < args.max_train_steps:
-        epoch = completed // steps_per_epoch
-        train_loader.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        skip = (completed % steps_per_epoch) * args.gradient_accumulation_steps
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        for batch in loader:
-            batch.pop("case_id", None)
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            completed += 1
-            progress.update(1)
-            value = accelerator.reduce(loss.detach(), "mean").item()
-            history.append(value)
-            if completed % args.logging_steps == 0:
-                loss_log.log(completed, loss=value)
-                progress.set_postfix(loss=f"{value:.3f}")
-                if args.with_tracking:
-                    accelerator.log({"train/loss": value, "train/lr": scheduler.get_last_lr()[0]}, step=completed)
-            if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
-                saved_at = save_checkpoint(accelerator, args.output_dir, completed, {"loss": value})
-                if accelerator.is_main_process:
-                    tokenizer.save_pretrained(saved_at)
-            if args.eval_steps and completed % args.eval_steps == 0 and len(eval_set):
-                # teacher-forced loss on the eval split (cheap); the text metrics run once, at the end
-                held_out = eval_loss(accelerator.unwrap_model(model), eval_loader, accelerator)
-                loss_log.log(completed, eval_loss=held_out)
-                if args.with_tracking:
-                    accelerator.log({"eval/loss": held_out}, step=completed)
-            if completed >= args.max_train_steps:
-                break
+    batches = resumable_batches(accelerator, train_loader, train_set, completed, args.max_train_steps,
+                                args.gradient_accumulation_steps)
+    for batch in batches:
+        batch.pop("case_id", None)
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+        completed += 1
+        progress.update(1)
+        value = accelerator.reduce(loss.detach(), "mean").item()
+        history.append(value)
+        if completed % args.logging_steps == 0:
+            loss_log.log(completed, loss=value)
+            progress.set_postfix(loss=f"{value:.3f}")
+            if args.with_tracking:
+                accelerator.log({"train/loss": value, "train/lr": scheduler.get_last_lr()[0]}, step=completed)
+        if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
+            saved_at = save_checkpoint(accelerator, args.output_dir, completed, {"loss": value})
+            if accelerator.is_main_process:
+                tokenizer.save_pretrained(saved_at)
+        if args.eval_steps and completed % args.eval_steps == 0 and len(eval_set):
+            # teacher-forced loss on the eval split (cheap); the text metrics run once, at the end
+            held_out = eval_loss(accelerator.unwrap_model(model), eval_loader, accelerator)
+            loss_log.log(completed, eval_loss=held_out)
+            if args.with_tracking:
+                accelerator.log({"eval/loss": held_out}, step=completed)
+        if completed >= args.max_train_steps:
+            break
     progress.close()
 
     accelerator.wait_for_everyone()

@@ -233,6 +233,22 @@ class EpochShuffleSampler:
         return self.length
 
 
+def resumable_batches(accelerator, train_loader, dataset, completed: int, max_train_steps: int,
+                      gradient_accumulation_steps: int = 1):
+    """Training batches from optimizer step `completed` on, epoch after epoch, until an epoch ends at or past
+    `max_train_steps` (the caller counts steps and stops mid-epoch). Each epoch re-seeds the sampler and the
+    dataset's draws (`set_epoch`); a resumed run skips the batches its interrupted epoch already used, so it
+    sees exactly what an uninterrupted run would."""
+    steps_per_epoch = math.ceil(len(train_loader) / gradient_accumulation_steps)
+    while completed < max_train_steps:
+        epoch = completed // steps_per_epoch
+        train_loader.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        skip = (completed % steps_per_epoch) * gradient_accumulation_steps
+        yield from (accelerator.skip_first_batches(train_loader, skip) if skip else train_loader)
+        completed = (epoch + 1) * steps_per_epoch
+
+
 __all__ = [
     "CommonTrainingArguments",
     "EpochShuffleSampler",
@@ -244,6 +260,7 @@ __all__ = [
     "make_accelerator",
     "plot_curves",
     "push_to_hub",
+    "resumable_batches",
     "save_checkpoint",
     "write_eval_results",
     "write_training_args",

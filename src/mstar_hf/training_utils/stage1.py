@@ -7,7 +7,6 @@ inter-modality InfoNCE and the inter-cancer triplet loss. `training/stage1.py` i
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from .common import (
     is_deepspeed,
     make_accelerator,
     push_to_hub,
+    resumable_batches,
     save_checkpoint,
     write_eval_results,
     write_training_args,
@@ -245,7 +245,6 @@ def run_stage1(model_args: Stage1ModelArguments, data_args: Stage1DataArguments,
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     engine = type(model).__name__
 
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     completed = 0
     checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is not None:
@@ -262,48 +261,44 @@ def run_stage1(model_args: Stage1ModelArguments, data_args: Stage1DataArguments,
                     desc="stage 1")
     model.train()
     history = []
-    while completed < args.max_train_steps:
-        epoch = completed // steps_per_epoch
-        train_loader.set_epoch(epoch)
-        train_dataset.set_epoch(epoch)
-        skip = (completed % steps_per_epoch) * args.gradient_accumulation_steps
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        for batch in loader:
-            batch.pop("case_id", None)
-            # dropout draws depend only on (seed, step, rank): a resumed run repeats them exactly
-            torch.manual_seed(args.seed * 1_000_003 + completed * 101 + accelerator.process_index)
-            with accelerator.accumulate(model):
-                out = model(**batch, return_loss=True)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            completed += 1
-            progress.update(1)
-            losses = {
-                "loss": accelerator.reduce(out.loss.detach(), "mean").item(),
-                "contrastive": accelerator.reduce(out.contrastive_loss.detach(), "mean").item(),
-                "triplet": accelerator.reduce(out.triplet_loss.detach(), "mean").item(),
-            }
-            history.append(losses["loss"])
-            if completed % args.logging_steps == 0:
-                loss_log.log(completed, **losses)
-                progress.set_postfix(loss=f"{losses['loss']:.3f}")
-                if args.with_tracking:
-                    accelerator.log({f"train/{k}": v for k, v in losses.items()}
-                                    | {"train/lr": scheduler.get_last_lr()[0]}, step=completed)
-            if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, completed, {"loss": losses["loss"]})
-            if args.eval_steps and completed % args.eval_steps == 0 and completed < args.max_train_steps:
-                metrics = retrieval_metrics(embed_cohort(accelerator.unwrap_model(model), eval_loader, accelerator.device))
-                if args.with_tracking:
-                    accelerator.log({f"eval/{d}/{k}": v for d, r in metrics.items() for k, v in r.items()}, step=completed)
-            if completed >= args.max_train_steps:
-                break
+    batches = resumable_batches(accelerator, train_loader, train_dataset, completed, args.max_train_steps,
+                                args.gradient_accumulation_steps)
+    for batch in batches:
+        batch.pop("case_id", None)
+        # dropout draws depend only on (seed, step, rank): a resumed run repeats them exactly
+        torch.manual_seed(args.seed * 1_000_003 + completed * 101 + accelerator.process_index)
+        with accelerator.accumulate(model):
+            out = model(**batch, return_loss=True)
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+        completed += 1
+        progress.update(1)
+        losses = {
+            "loss": accelerator.reduce(out.loss.detach(), "mean").item(),
+            "contrastive": accelerator.reduce(out.contrastive_loss.detach(), "mean").item(),
+            "triplet": accelerator.reduce(out.triplet_loss.detach(), "mean").item(),
+        }
+        history.append(losses["loss"])
+        if completed % args.logging_steps == 0:
+            loss_log.log(completed, **losses)
+            progress.set_postfix(loss=f"{losses['loss']:.3f}")
+            if args.with_tracking:
+                accelerator.log({f"train/{k}": v for k, v in losses.items()}
+                                | {"train/lr": scheduler.get_last_lr()[0]}, step=completed)
+        if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, args.output_dir, completed, {"loss": losses["loss"]})
+        if args.eval_steps and completed % args.eval_steps == 0 and completed < args.max_train_steps:
+            metrics = retrieval_metrics(embed_cohort(accelerator.unwrap_model(model), eval_loader, accelerator.device))
+            if args.with_tracking:
+                accelerator.log({f"eval/{d}/{k}": v for d, r in metrics.items() for k, v in r.items()}, step=completed)
+        if completed >= args.max_train_steps:
+            break
     progress.close()
 
     accelerator.wait_for_everyone()
