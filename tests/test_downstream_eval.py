@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification
 
 from mstar_hf.cli import main as cli_main
 from mstar_hf.evaluation.cohort import load_task
-from mstar_hf.evaluation.mil import FeatureStore, MILSettings, predict, run_cross_validation, train_fold
+from mstar_hf.training_utils.mil import FeatureStore, MILSettings, predict, run_cross_validation, train_fold
 from mstar_hf.evaluation.splits import make_folds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,7 +270,7 @@ def test_finetune_script_saves_folds_and_resumes(cohort, tmp_path):
 
 
 def test_interrupted_fold_resumes_to_the_same_weights(cohort, tmp_path):
-    from mstar_hf.evaluation.mil import build_model
+    from mstar_hf.training_utils.mil import build_model
 
     data = load_task(cohort, "classification")
     fold = make_folds(data, folds=3, seed=0)[0]

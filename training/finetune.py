@@ -81,7 +81,7 @@ class FinetuneTrainingArguments(CommonTrainingArguments):
 def run_finetune(args: FinetuneArguments, train_args: FinetuneTrainingArguments) -> dict:
     from mstar_hf.evaluation import plots
     from mstar_hf.evaluation.cohort import load_task
-    from mstar_hf.evaluation.mil import MILSettings, primary_metric, run_cross_validation
+    from mstar_hf.training_utils.mil import MILSettings, primary_metric, run_cross_validation
     from mstar_hf.evaluation.report import format_table, summarize, write_json, write_predictions_csv
     from mstar_hf.evaluation.splits import make_folds
     from mstar_hf.training_utils import make_accelerator, push_to_hub, write_eval_results, write_training_args

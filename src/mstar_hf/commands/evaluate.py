@@ -87,8 +87,8 @@ def _parse_init(values: list[str]) -> tuple[str, str | None]:
 def run(args) -> int:
     import logging
 
-    from mstar_hf.evaluation.mil import MILSettings
-    from mstar_hf.evaluation.runner import EvaluationConfig, run_evaluation
+    from mstar_hf.training_utils.mil import MILSettings
+    from mstar_hf.training_utils.downstream import EvaluationConfig, run_evaluation
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .cohort import TaskData
-from .splits import Fold
+from ..evaluation.cohort import TaskData
+from ..evaluation.splits import Fold
 
 logger = logging.getLogger(__name__)
 
@@ -280,10 +280,10 @@ def predict(model, data: TaskData, rows, store: FeatureStore, device=None) -> di
 def score(data: TaskData, rows, preds: dict) -> dict[str, float]:
     rows = np.asarray(rows)
     if data.task == "classification":
-        from .classification import classification_metrics
+        from ..evaluation.classification import classification_metrics
 
         return classification_metrics(data.labels[rows], preds["probs"])
-    from .survival import survival_metrics
+    from ..evaluation.survival import survival_metrics
 
     return survival_metrics(data.times[rows], data.events[rows], preds["risk"])
 
@@ -349,7 +349,7 @@ def train_fold(
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from ..training_utils import LossLog, find_checkpoint, save_checkpoint
+    from .common import LossLog, find_checkpoint, save_checkpoint
 
     time_bins = getattr(model.config, "time_bins", None)
     train_set = BagDataset(data, fold.train, store, time_bins=time_bins, max_patches=settings.max_patches,

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .bootstrap import DEFAULT_BOOTSTRAP, bootstrap_ci, paired_bootstrap
-from .cohort import align_tasks, load_task
+from ..evaluation.bootstrap import DEFAULT_BOOTSTRAP, bootstrap_ci, paired_bootstrap
+from ..evaluation.cohort import align_tasks, load_task
 from .mil import FeatureStore, MILSettings, load_pretrained_aggregator, primary_metric, run_cross_validation
-from .report import compare, format_table, summarize, write_json, write_predictions_csv
-from .splits import make_folds
+from ..evaluation.report import compare, format_table, summarize, write_json, write_predictions_csv
+from ..evaluation.splits import make_folds
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def _names(config: EvaluationConfig) -> list[str]:
 def run_evaluation(config: EvaluationConfig) -> dict:
     """Runs the evaluation; returns the results dict written to `out_dir/results.json` (its "table" is the
     printed table)."""
-    from . import plots
+    from ..evaluation import plots
 
     if config.task not in EVAL_TASKS:
         raise ValueError(f"task must be one of {EVAL_TASKS}, got {config.task!r}.")
@@ -119,7 +119,7 @@ def run_evaluation(config: EvaluationConfig) -> dict:
         for name, data in zip(names, tasks):
             store = FeatureStore(data)
             if config.task == "linear-probe":
-                from .probes import linear_probe, slide_embeddings
+                from ..evaluation.probes import linear_probe, slide_embeddings
 
                 emb = slide_embeddings(data, store, aggregator, progress=config.progress)
                 rows, fold_ids, preds, records = linear_probe(data, folds, emb, C=config.C, seed=settings.seed)
@@ -182,8 +182,8 @@ def _plots(kind, ref, names, outputs, out_dir, config, plots) -> list[str]:
 
 
 def _few_shot(config, tasks, names, folds, aggregator, results, table_rows, out_dir):
-    from . import plots
-    from .probes import few_shot, slide_embeddings
+    from ..evaluation import plots
+    from ..evaluation.probes import few_shot, slide_embeddings
 
     pool = np.concatenate([folds[0].train, folds[0].val]) if folds else None
     queries = folds[0].test if folds else None
