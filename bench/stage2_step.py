@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     from mstar_hf.training_utils.augment import HEAugment
     from mstar_hf.training_utils.ema import EMAModel
     from mstar_hf.training_utils.memory_bank import PatchMemoryBank, bytes_per_patch
-    from mstar_hf.training_utils.stage2 import (
+    from mstar_hf.training_utils.stage2_step import (
         MemoryTeacher,
         ReusableAutocast,
         Stage2Student,

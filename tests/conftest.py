@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny model configs and the real test slide (never copied into the repo)."""
+"""Shared fixtures: tiny model configs and the real test slide (tests/data, see its README)."""
 
 import os
 import warnings
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_SLIDE = (ROOT / "../shared/data/slides/CMU-1-Small-Region.svs").resolve()
+REAL_SLIDE = ROOT / "tests" / "data" / "CMU-1-Small-Region.svs"  # in the repository: tests need nothing beside it
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub (the hub tests run their own server)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -19,7 +19,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 @pytest.fixture(scope="session")
 def real_slide() -> Path:
     if not REAL_SLIDE.is_file():
-        pytest.fail(f"the shared test slide is missing: {REAL_SLIDE}")
+        pytest.fail(f"the test slide is missing: {REAL_SLIDE} (it is part of the repository; see tests/data/README.md)")
     return REAL_SLIDE
 
 
@@ -41,7 +41,7 @@ def synthetic_cohort(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cohort")
     manifest = make_synthetic_cohort(root, num_types=3, cases_per_type=10, seed=0, slide_size=(1280, 1280),
-                                     num_genes=64, quiet=True)
+                                     num_genes=64, quiet=True, painter="type_colour")
     torch.manual_seed(0)
     patch_model = MStarPatchModel(patch_config("tiny")).eval()
     patch_dir = root / "patch_model"

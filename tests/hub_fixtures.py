@@ -84,6 +84,11 @@ def hub_server(request, tmp_path, monkeypatch):
         module = sys.modules.get(module_name)
         if module is not None and hasattr(module, "HF_MODULES_CACHE"):
             monkeypatch.setattr(module, "HF_MODULES_CACHE", str(home / "modules"))
+    # `transformers_modules` imported by an earlier test points at that test's cache: remote code that imports
+    # its sibling files (the pipelines) would be looked up there. Import it afresh from this test's cache.
+    for name in [m for m in sys.modules if m == "transformers_modules" or m.startswith("transformers_modules.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(home / "modules"))
     _http.close_session()  # the next client is built with this environment (proxy settings included)
 
     server.env = {**os.environ}

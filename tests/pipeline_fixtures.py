@@ -1,6 +1,7 @@
 """A small mSTAR model trained the way Stage 1 trains, for the pipeline tests (built once per session).
 
-Data: the synthetic cohort (3 cancer types x 9 cases, 1024 x 1024 slides at 20x), patch features
+Data: the synthetic cohort (3 cancer types x 9 cases, 1024 x 1024 slides at 20x, painted with per-type
+colours (`painter="type_colour"`) so that a random encoder separates the types), patch features
 extracted with the model's own tiny patch encoder through `mstar_hf.wsi.extraction`. The tiny
 encoder is random; it is built without LayerScale because with the paper's init (1e-5) a random
 ViT's class token hardly depends on the image, while a random full-residual ViT keeps colour and
@@ -61,7 +62,7 @@ def build_trained_fixture(root: Path) -> TrainedFixture:
     torch.manual_seed(0)
     manifest = make_synthetic_cohort(root / "cohort", num_types=NUM_TYPES, cases_per_type=CASES_PER_TYPE,
                                      slide_size=(1024, 1024), num_genes=32, missing_report_frac=0.0,
-                                     missing_rna_frac=0.0)
+                                     missing_rna_frac=0.0, painter="type_colour")
     cohort = load_cohort(manifest, check_files=False).to_pandas()
     marks["cohort"] = time.time()
 
@@ -121,7 +122,7 @@ def build_trained_fixture(root: Path) -> TrainedFixture:
     inputs, targets = torch.cat(inputs), torch.cat(targets)
     head = torch.optim.Adam(model.patch_projection.parameters(), lr=1e-2)
     for _ in range(STAGE2_STEPS):
-        out = model.get_patch_features(patch_features=inputs, space="aggregator")
+        out = model.get_patch_features(patch_features=inputs, space="aggregator", normalize=False)
         loss2 = (1 - F.cosine_similarity(out, targets, dim=-1)).mean() + F.smooth_l1_loss(out, targets)
         head.zero_grad()
         loss2.backward()

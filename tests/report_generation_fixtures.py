@@ -83,15 +83,10 @@ def make_feature_cohort(out_dir, num_types: int = 3, cases_per_type: int = 6, di
 
 
 def load_training_script():
-    """training/report_generation.py as a module (it is a script, not part of the package)."""
-    import importlib.util
+    """The body of `training/report_generation.py` (the package module its thin wrapper calls)."""
+    from mstar_hf.training_utils import report_generation
 
-    path = Path(__file__).resolve().parents[1] / "training" / "report_generation.py"
-    spec = importlib.util.spec_from_file_location("report_generation_script", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
-    spec.loader.exec_module(module)
-    return module
+    return report_generation
 
 
 def overfit(model, batch: dict, steps: int = 150, lr: float = 3e-3) -> list[float]:

@@ -172,3 +172,107 @@ def test_transmil_bad_keys(tmp_path):
     torch.save(state, tmp_path / "agg.pth")
     with pytest.raises(ConversionError, match=r"missing keys \['layers.1.attn.res_conv.weight'\]"):
         convert_aggregator_checkpoint(tmp_path / "agg.pth", tmp_path / "hf", aggregator_config("tiny", input_dim=64))
+
+
+class _TransMILPre(nn.Module):
+    """The layout of the authors' downstream TransMIL_Pre: the pretrained aggregator as `vision_encoder`
+    and a linear `classifier` on its class token."""
+
+    def __init__(self, in_dim, dim, heads, landmarks, n_classes=3):
+        super().__init__()
+        self.vision_encoder = _TransMIL(in_dim, dim, heads, landmarks)
+        del self.vision_encoder._fc2
+        self.classifier = nn.Linear(dim, n_classes)
+
+    def forward(self, data):
+        return self.classifier(self.vision_encoder(data)[:, 0])
+
+
+def _transmil_pre_checkpoint(path):
+    """Saved as the authors' training loop does: DDP `module.` on the encoder keys only, in a wrapper dict."""
+    torch.manual_seed(3)
+    reference = _TransMILPre(in_dim=64, dim=32, heads=2, landmarks=16).eval()
+    state = {("module." + k if k.startswith("vision_encoder.") else k): v for k, v in reference.state_dict().items()}
+    torch.save({"model_state_dict": state, "epoch": 7}, path)
+    return reference
+
+
+def test_transmil_pre_head_kept_gives_the_reference_logits(tmp_path):
+    from mstar_hf import MStarForSlideClassification
+
+    reference = _transmil_pre_checkpoint(tmp_path / "pre.pth")
+    convert_aggregator_checkpoint(tmp_path / "pre.pth", tmp_path / "hf", aggregator_config("tiny", input_dim=64),
+                                  head="keep")
+    model = MStarForSlideClassification.from_pretrained(tmp_path / "hf").eval()
+    assert model.config.num_labels == 3
+    for n in (7, 50):
+        x = torch.randn(1, n, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x).logits, reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_transmil_pre_head_dropped_with_a_log_line(tmp_path, capsys):
+    reference = _transmil_pre_checkpoint(tmp_path / "pre.pth")
+    # heads, head width and input width are read from the weights; the landmark count is not in them
+    assert cli_main(["convert", str(tmp_path / "pre.pth"), "--kind", "aggregator", "--out", str(tmp_path / "agg"),
+                     "--num-landmarks", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped the classification head ['classifier.bias', 'classifier.weight']" in out and "--head keep" in out
+    model = AutoModel.from_pretrained(tmp_path / "agg").eval()
+    assert isinstance(model, MStarSlideAggregator)
+    x = torch.randn(1, 20, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).slide_embeds, reference.vision_encoder(x)[:, 0], atol=1e-5, rtol=1e-5)
+    # keys that collide once `module.` is removed are an error, not a silent pick
+    torch.save({"module.cls_token": torch.zeros(1, 1, 32), "cls_token": torch.ones(1, 1, 32)}, tmp_path / "dup.pth")
+    with pytest.raises(ConversionError, match="both name 'cls_token'"):
+        convert_aggregator_checkpoint(tmp_path / "dup.pth", tmp_path / "o")
+
+
+def test_timm_hub_name_offline_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = cli_main(["convert", "hf-hub:Wangyh/mSTAR", "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert code == 1 and "hf-hub:Wangyh/mSTAR" in out and "network" in out and "mSTAR.pth" in out
+    assert not (tmp_path / "o").exists()
+
+
+def _official_transform():
+    """The authors' preprocessing: torchvision on a PIL image."""
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.Resize(224), transforms.ToTensor(),
+                               transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+
+def test_official_weights_and_preprocessing_give_official_features_on_real_tiles(tmp_path, real_slide):
+    """mSTAR.pth (timm ViT-L family, here 2 narrow blocks) converted + our extraction == timm + torchvision
+    on 256 px tiles of the real CMU-1 slide; the tensor resize (`fast_resize`) does not reach that bar."""
+    import openslide
+
+    from mstar_hf import MStarImageProcessor
+    from mstar_hf.wsi.extraction import extract_slide_features
+
+    torch.manual_seed(5)
+    kwargs = dict(depth=2, embed_dim=64, num_heads=2, init_values=1.0, dynamic_img_size=True)
+    official = timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0, **kwargs).eval()
+    torch.save(official.state_dict(), tmp_path / "mSTAR.pth")
+    assert cli_main(["convert", str(tmp_path / "mSTAR.pth"), "--out", str(tmp_path / "hf"),
+                     "--timm-kwargs", '{"depth": 2, "embed_dim": 64, "num_heads": 2, "init_values": 1.0, '
+                                      '"dynamic_img_size": true}']) == 0
+    model = AutoModel.from_pretrained(tmp_path / "hf").eval()
+    processor = MStarImageProcessor.from_pretrained(tmp_path / "hf")
+
+    coords = np.array([[x, y] for y in (256, 768, 1280) for x in (256, 1024, 1536)])
+    osr = openslide.OpenSlide(str(real_slide))
+    tiles = [osr.read_region((int(x), int(y)), 0, (256, 256)).convert("RGB") for x, y in coords]
+    osr.close()
+    with torch.no_grad():
+        expected = official(torch.stack([_official_transform()(t) for t in tiles])).numpy()
+        from_processor = model(**processor(tiles, return_tensors="pt")).pooler_output.numpy()
+    _, extracted = extract_slide_features(real_slide, model, processor, coords=coords, num_workers=0, progress=False)
+    np.testing.assert_allclose(from_processor, expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(extracted, expected, rtol=0, atol=1e-5)
+    fast = MStarImageProcessor(fast_resize=True)
+    _, fast_features = extract_slide_features(real_slide, model, fast, coords=coords, num_workers=0, progress=False)
+    assert np.abs(fast_features - expected).max() > 1e-4  # so the bar above tells the two resizes apart

@@ -64,14 +64,23 @@ def test_slides_are_pyramids_whose_look_depends_on_type(cohort):
         assert len(tissue) > 0.2 * thumb.shape[0] * thumb.shape[1]
         colours.append(tissue.mean(axis=0))
     colours = np.stack(colours)
-    # Leave-one-out nearest centroid on mean tissue colour recovers the type.
+    # The stain is drawn per slide from one pool: leave-one-out nearest centroid on mean tissue colour
+    # does not recover the type (tests/test_cohort_difficulty.py measures it on more slides) ...
     types = frame["cancer_type"].to_numpy()
     hits = 0
     for i in range(len(types)):
         keep = np.arange(len(types)) != i
         cents = {t: colours[keep & (types == t)].mean(0) for t in set(types)}
         hits += min(cents, key=lambda t: np.linalg.norm(colours[i] - cents[t])) == types[i]
-    assert hits / len(types) >= 0.9
+    assert hits / len(types) <= 0.6
+    # ... while the tissue-pattern mix, which the painter records per slide, follows the type
+    meta = json.loads((out / "cohort.json").read_text())
+    assert meta["painter"] == "stain_pool" and set(meta["slides"]) == set(frame["slide_id"])
+    for t, morph in meta["type_morphology"].items():
+        dominant = int(np.argmax(morph["mix"]))
+        shares = {u: np.mean([list(meta["slides"][s]["pattern_share"].values())[dominant]
+                              for s in frame[frame["cancer_type"] == u]["slide_id"]]) for u in set(types)}
+        assert max(shares, key=shares.get) == t, (t, shares)
 
 
 def test_reports_depend_on_type_and_share_vocabulary(cohort):

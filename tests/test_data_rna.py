@@ -150,3 +150,109 @@ def test_fit_bin_edges():
     # Non-zero values spread over bins 1..5 roughly evenly.
     counts = np.bincount(bins[bins > 0], minlength=6)[1:]
     assert counts.min() > 0.5 * counts.mean()
+
+
+# ---- real file layouts (written from the public format descriptions) ---------------------------
+STAR_HEADER = ("gene_id\tgene_name\tgene_type\tunstranded\tstranded_first\tstranded_second\ttpm_unstranded\t"
+               "fpkm_unstranded\tfpkm_uq_unstranded")
+
+
+def write_star_counts(path, genes):
+    """A GDC `*.rna_seq.augmented_star_gene_counts.tsv`: genes = [(versioned id, name, count, tpm)]."""
+    lines = ["# gene-model: GENCODE v36", STAR_HEADER,
+             "N_unmapped\t\t\t3163938\t3163938\t3163938\t\t\t",
+             "N_multimapping\t\t\t6187264\t6187264\t6187264\t\t\t",
+             "N_noFeature\t\t\t3181432\t25452236\t25525346\t\t\t",
+             "N_ambiguous\t\t\t3493566\t1159004\t1162587\t\t\t"]
+    for gene_id, name, count, tpm in genes:
+        lines.append(f"{gene_id}\t{name}\tprotein_coding\t{count}\t{count // 2}\t{count - count // 2}\t{tpm}\t"
+                     f"{tpm / 3:.4f}\t{tpm / 2:.4f}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+STAR_GENES = [("ENSG00000000003.15", "TSPAN6", 3123, 39.9141), ("ENSG00000000005.6", "TNMD", 0, 0.0),
+              ("ENSG00000000419.13", "DPM1", 1565, 83.2406), ("ENSG00000002586.20", "CD99", 800, 20.5),
+              ("ENSG00000002586.20_PAR_Y", "CD99", 0, 0.0),  # the Y copy of a pseudo-autosomal gene
+              ("ENSG00000280987.4", "MATR3", 100, 5.0), ("ENSG00000015479.19", "MATR3", 300, 10.0)]
+
+
+def test_gdc_star_counts(tmp_path):
+    path = write_star_counts(tmp_path / "5a3c.rna_seq.augmented_star_gene_counts.tsv", STAR_GENES)
+    series = read_expression_file(path, case_id="TCGA-BP-5195")
+    assert series.index.names == ["gene_id", "gene_name"] and len(series) == len(STAR_GENES)  # N_* rows gone
+    assert series[("ENSG00000000003", "TSPAN6")] == 39.9141  # default value column: tpm_unstranded
+    assert ("ENSG00000002586_PAR_Y", "CD99") in series.index
+    counts = read_expression_file(path, value_column="unstranded")
+    assert counts[("ENSG00000000419", "DPM1")] == 1565.0
+    # a symbol vocabulary: matched by gene_name; ids sharing a symbol are summed (MATR3 = 5 + 10)
+    proc = GeneExpressionProcessor(["MATR3", "TSPAN6", "CD99", "DPM1", "GAPDH"], EDGES)
+    values, mask = proc.align(series, case_id="c")
+    np.testing.assert_allclose(values, np.log1p([15.0, 39.9141, 20.5, 83.2406, 0.0]).astype(np.float32))
+    assert mask.tolist() == [True, True, True, True, False]
+    # an Ensembl vocabulary (unversioned): matched by id; the PAR_Y copy does not collide with CD99
+    ens = GeneExpressionProcessor(["ENSG00000002586", "ENSG00000000005", "ENSG00000015479"], EDGES)
+    values, mask = ens.align(series)
+    np.testing.assert_allclose(values, np.log1p([20.5, 0.0, 10.0]).astype(np.float32))
+    assert mask.all()
+    # a plain profile with versioned ids meets an unversioned vocabulary
+    values, mask = ens.align({"ENSG00000002586.20": 1.0})
+    assert mask.tolist() == [True, False, False]
+    with pytest.raises(ValueError, match="no value column 'tpm'") as err:
+        read_expression_file(path, case_id="C9", value_column="tpm")
+    assert "tpm_unstranded" in str(err.value) and "C9" in str(err.value) and path.name in str(err.value)
+
+
+def test_legacy_rsem_normalized_results(tmp_path):
+    path = tmp_path / "unc.edu.0a1b.2345.rsem.genes.normalized_results"
+    path.write_text("gene_id\tnormalized_count\n?|100130426\t0.0000\n?|100133144\t10.0118\nA1BG|1\t148.4160\n"
+                    "SLC35E2|728661\t10.0\nSLC35E2|9906\t2.5\nTP53|7157\t999.1\n")
+    series = read_expression_file(path)
+    assert series.index.names == ["gene_name", "entrez_id"] and series[("A1BG", "1")] == 148.416
+    values, mask = GeneExpressionProcessor(["TP53", "SLC35E2", "A1BG", "X"], EDGES).align(series)
+    np.testing.assert_allclose(values, np.log1p([999.1, 12.5, 148.416, 0.0]).astype(np.float32), rtol=1e-6)
+    assert mask.tolist() == [True, True, True, False]
+    # an Entrez-id vocabulary works too
+    values, mask = GeneExpressionProcessor(["7157", "100133144"], EDGES).align(series)
+    np.testing.assert_allclose(values, np.log1p([999.1, 10.0118]).astype(np.float32), rtol=1e-6)
+
+
+def test_gene_by_sample_matrices(tmp_path):
+    cbio = tmp_path / "data_mrna_seq_v2_rsem.txt"
+    cbio.write_text("Hugo_Symbol\tEntrez_Gene_Id\tTCGA-A1-A0SB-01\tTCGA-A1-A0SD-01\n"
+                    "A1BG\t1\t12.5\t3.0\nTP53\t7157\t400.0\tNA\nSLC35E2\t728661\t1.0\t2.0\nSLC35E2\t9906\t4.0\t8.0\n")
+    proc = GeneExpressionProcessor(["TP53", "SLC35E2", "A1BG"], EDGES)
+    row = read_expression_row(cbio, "TCGA-A1-A0SD-01", case_id="TCGA-A1-A0SD")
+    values, mask = proc.align(row)
+    # NA = not measured for that sample: masked; the two SLC35E2 rows are summed
+    assert mask.tolist() == [False, True, True]
+    np.testing.assert_allclose(values, np.log1p([0.0, 10.0, 3.0]).astype(np.float32))
+    xena = tmp_path / "HiSeqV2.tsv"
+    xena.write_text("sample\tTCGA-A1-A0SB-01\tTCGA-A1-A0SD-11\nA1BG\t1.5\t2.5\nTP53\t7.0\t8.0\n")
+    assert read_expression_row(xena, "TCGA-A1-A0SD-11").to_dict() == {"A1BG": 2.5, "TP53": 8.0}
+    # the samples x genes layout is unchanged (first column = row ids)
+    (tmp_path / "rows.tsv").write_text("sample\tA1BG\tTP53\ns1\t1.0\t2.0\n")
+    assert read_expression_row(tmp_path / "rows.tsv", "s1").to_dict() == {"A1BG": 1.0, "TP53": 2.0}
+
+
+def test_unknown_layout_names_file_and_columns(tmp_path):
+    path = tmp_path / "weird.tsv"
+    path.write_text("probe\tchromosome\tintensity\np1\tchr1\t3.5\n")
+    with pytest.raises(ValueError) as err:
+        read_expression_file(path, case_id="C7")
+    message = str(err.value)
+    assert "weird.tsv" in message and "C7" in message and "'probe', 'chromosome', 'intensity'" in message
+    (tmp_path / "one.txt").write_text("# comment\nonly_one_column\nA\n")
+    with pytest.raises(ValueError, match=r"at least two columns.*one\.txt"):
+        read_expression_file(tmp_path / "one.txt")
+
+
+def test_vocabulary_matches_like_align(tmp_path):
+    from mstar_hf.data.rna import vocabulary_matches
+
+    series = read_expression_file(write_star_counts(tmp_path / "s.rna_seq.augmented_star_gene_counts.tsv",
+                                                    STAR_GENES))
+    assert vocabulary_matches(series, ["MATR3", "CD99", "GAPDH"]) == 2  # by gene_name
+    assert vocabulary_matches(series, ["ENSG00000000005", "ENSG00000002586"]) == 2  # by id
+    assert vocabulary_matches(pd.Series({"ENSG00000000005.6": 1.0}), ["ENSG00000000005"]) == 1
+    assert vocabulary_matches(series, ["GAPDH"]) == 0

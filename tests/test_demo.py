@@ -63,18 +63,29 @@ def test_quick_demo_trains_and_serves_mstar(quick_demo):
           "resumed (goal <= 180 s in one go on 2 idle cores)")
 
     # learning goals of the issue, measured on held-out cases
-    zero_shot = results["zero_shot"]
-    best = max(z["balanced_accuracy"] for z in zero_shot.values())
-    assert best >= 0.8, zero_shot
+    # the cohort needs learning: colour and the untrained encoder are near chance (3 types: 0.33)
+    difficulty = results["difficulty"]
+    assert difficulty["mean_rgb_nearest_centroid"]["balanced_accuracy"] <= 0.5, difficulty
+    assert difficulty["initial_encoder_few_shot_k1"]["balanced_accuracy"] <= 0.5, difficulty
+    # Stage 1, judged on the one zero-shot route declared in the demo (not the best of several)
+    declared = results["zero_shot_declared"]
+    assert (declared["mode"], declared["patch_source"]) == ("patch_topk", "aggregator"), declared
+    assert declared["balanced_accuracy"] >= 0.8, results["zero_shot"]
     retrieval = results["stage1_retrieval"]["slide->report"]
     assert retrieval["type_R@1"] >= 0.5 > retrieval["type_chance@1"], retrieval
-    assert retrieval["R@1"] > retrieval["chance@1"], retrieval
-    stage2 = results["stage2"]
-    assert stage2["cosine_after"] > stage2["cosine_before"], stage2
+    # Stage 2, on a metric a bias cannot meet: held-out patch retrieval@1 against its mean-target baseline
+    distillation = results["stage2_distillation"]
+    assert distillation["stage2_student"]["retrieval@1"] >= 5 * distillation["mean_target"]["retrieval@1"], distillation
+    assert distillation["stage2_student"]["centred_cosine"] > distillation["mean_target"]["centred_cosine"] + 0.1
+    for protocol in ("linear_probe", "few_shot_k1", "few_shot_k2", "few_shot_k4", "abmil"):
+        row = results["stage2_downstream"][protocol]
+        assert {"initial", "stage2", "difference"} <= set(row) and row["difference"]["ci_low"] <= row["difference"]["delta"]
+    assert "encoder_stage2" in results["zero_shot"]  # the paper's route, through the Stage 2 encoder
     report = results["report_generation"]
     assert report["n"] >= 3 and report["splits"] == ["test", "val"], report
-    # the goal: at least equal to copying the nearest training report (0.05: noise of ~10 held-out reports)
-    assert report["model"]["BLEU-1"] >= report["nearest_report_baseline"]["BLEU-1"] - 0.05, report
+    # the goal: beat copying the nearest training report; if it does not, this says so
+    model, baseline = report["model"]["BLEU-1"], report["nearest_report_baseline"]["BLEU-1"]
+    assert model > baseline, f"report generation does not beat the copy-nearest baseline: BLEU-1 {model:.3f} <= {baseline:.3f}"
     predictions = [json.loads(line) for line in (out / "report_predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == report["n"] and all(p["generated"].strip() for p in predictions)
 

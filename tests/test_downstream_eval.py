@@ -6,7 +6,6 @@ has neither. Heads must learn from `strong/` and the comparison must find it bet
 """
 
 import csv
-import importlib.util
 import json
 import logging
 import os
@@ -121,7 +120,11 @@ def test_cli_compares_two_feature_folders(tmp_path, capsys, real_slide):
                    "--heatmaps", "1", "--quiet", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0
-    assert "p vs strong (macro_auc)" in printed and "reference" in printed
+    assert "p vs strong (macro_auc, pooled, case bootstrap)" in printed and "reference" in printed
+    # the notice names the split source and sizes in cases; the headline is mean +- std over the 3 folds
+    assert "splits: 3-fold stratified group k-fold on case_id (seed 0); 3 fold(s)" in printed
+    assert "test 12 cases / 12 slides per fold" in printed and "(< 20)" in printed
+    assert "macro_auc (mean+-std, 3 folds)" in printed and "pooled out-of-fold macro_auc [95% CI]" in printed
     lines = printed.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("features  macro_auc"))
     assert lines[header + 2].startswith("strong") and lines[header + 3].startswith("noise")
@@ -135,6 +138,10 @@ def test_cli_compares_two_feature_folders(tmp_path, capsys, real_slide):
     assert comparison["metrics"]["macro_auc"]["p_value"] < 0.05
     assert comparison["metrics"]["macro_auc"]["num_valid"] == 1000
     assert len(results["feature_sets"]["strong"]["folds"]) == 3
+    primary = results["feature_sets"]["strong"]["primary"]["macro_auc"]
+    fold_aucs = [f["test_metrics"]["macro_auc"] for f in results["feature_sets"]["strong"]["folds"]]
+    assert primary["value"] == pytest.approx(np.mean(fold_aucs)) and primary["std"] == pytest.approx(np.std(fold_aucs))
+    assert results["split_source"].startswith("3-fold") and results["score_level"] == "case"
     for name in ("roc.png", "predictions_strong.csv", "predictions_noise.csv"):
         assert (out / name).is_file(), name
     # --heatmaps 1: one attention heatmap over the (real) slide per feature folder
@@ -173,7 +180,8 @@ def test_cli_linear_probe_and_few_shot(cohort, tmp_path, capsys):
     assert cli_main(base + ["--task", "linear-probe", "--out", str(tmp_path / "lp2")]) == 0
     probe = json.loads((tmp_path / "lp2" / "results.json").read_text())
     assert probe["folds"] == [{"fold": 0, "n_train": 18, "n_val": 9, "n_test": 9, "absent_test_classes": [],
-                               "absent_val_classes": []}]
+                               "absent_val_classes": [], "source": f"manifest {str(m)!r} (split column)",
+                               "n_train_cases": 18, "n_val_cases": 9, "n_test_cases": 9}]
 
 
 def test_bad_input_errors_and_documented_handling(tmp_path, caplog, capsys):
@@ -233,10 +241,10 @@ def test_bad_input_errors_and_documented_handling(tmp_path, caplog, capsys):
 
 
 def load_finetune():
-    spec = importlib.util.spec_from_file_location("finetune", ROOT / "training" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The body of `training/finetune.py` (the package module its thin wrapper calls)."""
+    from mstar_hf.training_utils import finetune
+
+    return finetune
 
 
 def test_finetune_script_saves_folds_and_resumes(cohort, tmp_path):
@@ -249,6 +257,12 @@ def test_finetune_script_saves_folds_and_resumes(cohort, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["fold_mean"]["macro_auc"] > 0.8 and len(results["folds"]) == 2
     assert results["metrics"]["macro_auc"]["num_valid"] == 200
+    # results.json and the model-index (eval_results.json) carry the same headline: the mean over the 2 folds
+    assert results["primary"]["macro_auc"]["value"] == pytest.approx(results["fold_mean"]["macro_auc"])
+    index = {e["metric"]: e for e in json.loads((out / "eval_results.json").read_text())}
+    assert index["macro_auc"]["value"] == pytest.approx(results["primary"]["macro_auc"]["value"])
+    assert "mean +- std over 2 folds" in index["macro_auc"]["name"]
+    assert index["macro_auc_pooled"]["value"] == pytest.approx(results["metrics"]["macro_auc"]["value"])
     assert (out / "roc.png").is_file() and (out / "fold_0" / "loss.png").is_file()
     assert not list((out / "fold_0").glob("checkpoint-*"))  # finished folds keep only the best model
     # the saved fold model reproduces the fold's test predictions

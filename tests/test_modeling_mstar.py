@@ -166,11 +166,11 @@ def test_gradient_checkpointing_same_gradients(tiny_config):
 def test_patch_features_spaces(tiny_config):
     model = _eval_model(tiny_config)
     feats = torch.randn(5, 64)
-    assert model.get_patch_features(patch_features=feats, space="encoder").shape == (5, 64)
-    assert model.get_patch_features(patch_features=feats, space="aggregator").shape == (5, 32)
-    shared = model.get_patch_features(patch_features=feats, normalize=True)
+    assert model.get_patch_features(patch_features=feats, space="encoder").pooler_output.shape == (5, 64)
+    assert model.get_patch_features(patch_features=feats, space="aggregator").pooler_output.shape == (5, 32)
+    shared = model.get_patch_features(patch_features=feats, normalize=True)  # the earlier call form: a tensor
     assert shared.shape == (5, 32) and torch.allclose(shared.norm(dim=-1), torch.ones(5))
     pixels = torch.randn(2, 3, 224, 224)
-    assert model.get_patch_features(pixel_values=pixels).shape == (2, 32)
+    assert model.get_patch_features(pixel_values=pixels).pooler_output.shape == (2, 32)
     with pytest.raises(ValueError, match="wrong feature width: expected 64, got 1024"):
         model.get_patch_features(patch_features=torch.randn(2, 1024))

@@ -67,9 +67,21 @@ def test_output_format_and_input_kinds(zs, bags, tmp_path):
         assert [d["label"] for d in other] == [d["label"] for d in out]
         np.testing.assert_allclose([d["score"] for d in other], scores, rtol=1e-5, atol=1e-6)
     rich = zs(str(h5), candidate_labels=LABELS, return_patch_scores=True, mode="slide")
-    assert rich["patch_scores"].shape == (7, 3) and rich["labels"] == LABELS
-    np.testing.assert_array_equal(rich["coords"], coords)
-    assert rich["patch_size_level0"] == 256 and rich["source"] == str(h5)
+    plain = zs(str(h5), candidate_labels=LABELS, mode="slide")
+    assert isinstance(rich, list) and [{k: d[k] for k in ("label", "score")} for d in rich] == plain  # same type
+    for entry in rich:
+        assert entry["patch_scores"].shape == (7,)
+        np.testing.assert_array_equal(entry["coords"], coords)
+        assert entry["patch_size_level0"] == 256 and entry["source"] == str(h5)
+    # the per-label patch scores are the cosines of the aggregator's patch tokens with the class embedding
+    classes = zs.get_class_embeddings(LABELS)
+    with torch.no_grad():
+        patches = project_patches(zs.model, x[None])[0]
+    for entry in rich:
+        want = patches @ classes[LABELS.index(entry["label"])]
+        np.testing.assert_allclose(entry["patch_scores"], want.numpy(), rtol=1e-5, atol=1e-6)
+    # top_k is the number of labels returned, as in zero-shot-image-classification
+    assert zs(x, candidate_labels=LABELS, top_k=2) == out[:2]
 
 
 def test_bad_labels_and_templates(zs, bags):
@@ -83,7 +95,7 @@ def test_bad_labels_and_templates(zs, bags):
         zs(x, candidate_labels=["a", "a"])
     with pytest.raises(ValueError, match="non-empty list of non-empty synonyms"):
         zs(x, candidate_labels={"a": [], "b": ["b"]})
-    with pytest.raises(ValueError, match="CLASSNAME slot.*'an image of a tumour.'"):
+    with pytest.raises(ValueError, match=r"CLASSNAME \(or \{\}\) slot.*'an image of a tumour.'"):
         zs(x, candidate_labels=LABELS, templates=["CLASSNAME.", "an image of a tumour."])
     with pytest.raises(ValueError, match="templates is empty"):
         zs(x, candidate_labels=LABELS, templates=[])
@@ -94,6 +106,10 @@ def test_bad_labels_and_templates(zs, bags):
     for bad in (0, -3, 2.5, "5", True):
         with pytest.raises(ValueError, match="top_k must be a positive integer"):
             zs(x, candidate_labels=LABELS, top_k=bad)
+        with pytest.raises(ValueError, match="patch_top_k must be a positive integer"):
+            zs(x, candidate_labels=LABELS, patch_top_k=bad)
+    with pytest.raises(ValueError, match="not both"):
+        zs(x, candidate_labels=LABELS, templates=["CLASSNAME."], hypothesis_template="a {}.")
     with pytest.raises(TypeError, match="unknown argument"):
         zs(x, candidate_labels=LABELS, topk=5)
 
@@ -103,8 +119,8 @@ def test_single_label_warns_and_scores_one(zs, bags):
     with CaptureLogger(logger) as captured:
         out = zs(bags[0], candidate_labels=["adenocarcinoma"], return_patch_scores=True)
     assert "single candidate label" in captured.out
-    assert out["predictions"] == [{"label": "adenocarcinoma", "score": 1.0}]
-    assert out["patch_scores"].shape == (7, 1)
+    assert [(d["label"], d["score"]) for d in out] == [("adenocarcinoma", 1.0)]
+    assert out[0]["patch_scores"].shape == (7,)
 
 
 def test_bad_inputs_name_the_problem(zs, tmp_path):
@@ -112,7 +128,7 @@ def test_bad_inputs_name_the_problem(zs, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.svs: no such file"):
         zs(str(missing), candidate_labels=LABELS)
     narrow = write_slide_features(tmp_path / "narrow.h5", np.zeros((5, 32), np.float32))
-    with pytest.raises(ValueError, match=r"wrong feature width: expected 64, got 32.*narrow\.h5"):
+    with pytest.raises(ValueError, match=r"narrow\.h5: wrong feature width: expected 64, got 32"):
         zs(str(narrow), candidate_labels=LABELS)
     with pytest.raises(ValueError, match=r"<tensor>: wrong feature width: expected 64, got 10"):
         zs(torch.zeros(4, 10), candidate_labels=LABELS)
@@ -140,12 +156,13 @@ def test_slide_without_tissue_is_a_clear_error(zs, tmp_path):
         fe(str(blank), extraction_workers=0)
 
 
-def test_top_k_larger_than_the_slide_uses_every_patch(zs, bags):
+def test_patch_top_k_larger_than_the_slide_uses_every_patch(zs, bags):
     x = bags[2]  # 3 patches
-    big = zs(x, candidate_labels=LABELS, top_k=1000, return_patch_scores=True)
-    exact = zs(x, candidate_labels=LABELS, top_k=3, return_patch_scores=True)
-    assert big["similarities"] == exact["similarities"]
-    np.testing.assert_allclose(list(big["similarities"].values()), big["patch_scores"].mean(0), rtol=1e-5, atol=1e-6)
+    big = zs(x, candidate_labels=LABELS, patch_top_k=1000, return_patch_scores=True)
+    exact = zs(x, candidate_labels=LABELS, patch_top_k=3, return_patch_scores=True)
+    assert [d["similarity"] for d in big] == [d["similarity"] for d in exact]
+    for entry in big:
+        np.testing.assert_allclose(entry["similarity"], entry["patch_scores"].mean(), rtol=1e-5, atol=1e-6)
 
 
 def test_topk_pool_matches_a_loop():

@@ -1,17 +1,63 @@
-"""COCO-style caption metrics: values equal hand computations on tiny known examples."""
+"""COCO-style caption metrics: BLEU-1..4 and ROUGE-L equal pycocoevalcap's own scorers (the maintained
+COCO caption evaluation; its Bleu and Rouge scorers are pure Python) and hand computations; the METEOR
+approximation equals hand computations and is reported as "METEOR-exact+stem"."""
 
 import math
 
 import pytest
 
 from mstar_hf.evaluation.caption_metrics import (
+    METEOR_NAME,
     METEOR_PARAMETERS,
+    METRIC_NAMES,
     bleu,
     coco_tokenize,
     compute_caption_metrics,
-    meteor,
+    meteor_exact_stem,
     rouge_l,
 )
+
+meteor = meteor_exact_stem
+
+# report-like texts: several sentences, repeated words, shorter and longer hypotheses, several references
+PREDICTIONS = [
+    "Invasive ductal carcinoma, grade 2. Margins are negative. No lymphovascular invasion is identified.",
+    "Lung adenocarcinoma, acinar predominant. Tumor size 2.5 cm; pleura not involved.",
+    "Clear cell renal cell carcinoma.",
+    "Benign colonic mucosa with no dysplasia, no dysplasia seen.",
+]
+REFERENCES = [
+    ["Invasive ductal carcinoma, Nottingham grade 2. All margins negative. Lymphovascular invasion is not identified.",
+     "Ductal carcinoma, invasive, grade 2 of 3; margins negative."],
+    ["Adenocarcinoma of the lung, acinar predominant pattern. Tumor size 2.5 cm. The visceral pleura is not involved."],
+    ["Renal cell carcinoma, clear cell type, Fuhrman grade 3, confined to the kidney.", "Clear cell carcinoma."],
+    ["Colonic mucosa without dysplasia."],
+]
+
+
+def test_bleu_and_rouge_l_equal_pycocoevalcap():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    # pycocoevalcap scores pre-tokenised text (its PTBTokenizer is Java): give it the COCO tokens, joined
+    res = {i: [" ".join(coco_tokenize(p))] for i, p in enumerate(PREDICTIONS)}
+    gts = {i: [" ".join(coco_tokenize(r)) for r in refs] for i, refs in enumerate(REFERENCES)}
+    coco_bleu, coco_bleu_per = Bleu(4).compute_score(gts, res, verbose=0)
+    coco_rouge, coco_rouge_per = Rouge().compute_score(gts, res)
+    ours = compute_caption_metrics(PREDICTIONS, REFERENCES, return_per_sample=True)
+    for n in range(4):
+        assert ours[f"BLEU-{n + 1}"] == pytest.approx(coco_bleu[n], rel=1e-9, abs=1e-12)
+        # per report: COCO's per-sample BLEU (its "closest" reference length per report)
+        assert [s[f"BLEU-{n + 1}"] for s in ours["per_sample"]] == pytest.approx(coco_bleu_per[n], rel=1e-9, abs=1e-12)
+    assert ours["ROUGE-L"] == pytest.approx(float(coco_rouge), rel=1e-9)
+    assert [s["ROUGE-L"] for s in ours["per_sample"]] == pytest.approx(list(coco_rouge_per), rel=1e-9)
+    # not a degenerate example: the four n-gram orders and the reports differ
+    assert len({round(ours[f"BLEU-{n}"], 6) for n in range(1, 5)}) == 4 and 0.2 < ours["ROUGE-L"] < 0.9
+
+
+def test_meteor_approximation_is_named_for_what_it_is():
+    assert METEOR_NAME == "METEOR-exact+stem" and "METEOR" not in METRIC_NAMES
+    assert METRIC_NAMES == ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR-exact+stem", "ROUGE-L")
 
 
 def toks(text):
@@ -80,7 +126,7 @@ def test_meteor_matches_hand_computation():
 def test_compute_caption_metrics_output_and_bad_input():
     result = compute_caption_metrics(["the tumor is present", ""], [["the tumor is present"], "no tumor"],
                                      return_per_sample=True)
-    assert set(result) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "per_sample"}
+    assert set(result) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR-exact+stem", "ROUGE-L", "per_sample"}
     assert all(0.0 <= result[k] <= 1.0 for k in result if k != "per_sample")
     assert result["per_sample"][0]["ROUGE-L"] == pytest.approx(1.0) and result["per_sample"][1]["ROUGE-L"] == 0.0
     with pytest.raises(ValueError, match="empty prediction list"):

@@ -39,13 +39,15 @@ def test_trains_checkpoints_resumes_and_evaluates(cohort, tmp_path):
     out = tmp_path / "run"
     args = ["--manifest", str(cohort), "--output_dir", str(out), *TINY, "--learning_rate", "2e-3",
             "--lr_scheduler_type", "constant", "--checkpointing_steps", "2", "--eval_steps", "2"]
-    first = script.main(args + ["--max_train_steps", "4"])
+    assert script.main(args + ["--max_train_steps", "4"]) == 0
+    first = json.loads((out / "report_results.json").read_text())
     # 18 cases, 12 in train of which one has no report: skipped
     assert first["train_cases"] == 11 and first["eval_cases"] == 3 and first["steps"] == 4
     assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
     assert (out / "checkpoint-4" / "tokenizer.json").is_file(), "a resumed run reuses the checkpoint's tokenizer"
 
-    resumed = script.main(args + ["--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
+    script.main(args + ["--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
+    resumed = json.loads((out / "report_results.json").read_text())
     assert resumed["steps"] == 6 and resumed["engine"] != "DeepSpeedEngine"
     records = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
@@ -60,7 +62,7 @@ def test_trains_checkpoints_resumes_and_evaluates(cohort, tmp_path):
         assert (out / name).is_file(), name
     results = json.loads((out / "report_results.json").read_text())
     for who in ("model", "nearest_report_baseline"):
-        assert set(results[who]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L"}
+        assert set(results[who]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR-exact+stem", "ROUGE-L"}
     print("after 6 steps, model:", {k: round(v, 4) for k, v in results["model"].items()})
     print("nearest training report:", {k: round(v, 4) for k, v in results["nearest_report_baseline"].items()})
     names = {r["name"] for r in json.loads((out / "eval_results.json").read_text())}
@@ -104,8 +106,9 @@ def test_stage1_initialisation_and_bad_input(cohort, tmp_path):
 def test_eval_on_several_splits_and_the_saved_decoding(cohort, tmp_path):
     script = load_training_script()
     out = tmp_path / "run"
-    results = script.main(["--manifest", str(cohort), "--output_dir", str(out), *TINY, "--max_train_steps", "2",
-                           "--eval_split", "val,test", "--num_beams", "1"])
+    script.main(["--manifest", str(cohort), "--output_dir", str(out), *TINY, "--max_train_steps", "2",
+                 "--eval_split", "val,test", "--num_beams", "1"])
+    results = json.loads((out / "report_results.json").read_text())
     # 18 cases: 3 in val and 3 in test, one of the 12 training cases without a report
     assert results["steps"] == 2 and results["eval_cases"] == 6 and results["train_cases"] == 11
     # the folder generates as it was evaluated

@@ -119,7 +119,8 @@ def test_wrong_feature_width_is_named(synthetic_cohort, tmp_path):
     other = MStarPatchModel(MStarPatchConfig(architecture="vit_tiny_patch16_224",
                                              timm_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}))
     other.save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match=r"manifest.csv: the features are 64-d but the aggregator takes 32-d"):
+    with pytest.raises(ValueError, match=r"(?s)manifest.csv: \d+ bad case.*wrong feature width: expected 32, got 64.*"
+                                         r"another patch encoder"):
         run_stage1(Stage1ModelArguments(patch_model_name_or_path=str(tmp_path / "other"), model_size="tiny"),
                    Stage1DataArguments(manifest=str(synthetic_cohort["manifest"])),
                    Stage1TrainingArguments(output_dir=str(tmp_path / "out"), max_train_steps=1, with_tracking=False,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CMU = (ROOT / "../shared/data/slides/CMU-1-Small-Region.svs").resolve()
+CMU = ROOT / "tests" / "data" / "CMU-1-Small-Region.svs"  # the real Aperio slide kept in the repository
 _CACHE = Path(tempfile.mkdtemp(prefix="mstar-wsi-tests-"))
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
@@ -114,5 +114,5 @@ def assert_same_outputs(a: dict, b: dict, atol: float = 1e-5):
 @pytest.fixture(scope="session")
 def cmu() -> Path:
     if not CMU.is_file():
-        pytest.fail(f"the shared test slide is missing: {CMU}")
+        pytest.fail(f"the test slide is missing: {CMU} (it is part of the repository; see tests/data/README.md)")
     return CMU

@@ -1,9 +1,15 @@
 """`mstar-hf demo`: the whole mSTAR paradigm, end to end, on data it makes itself.
 
 Synthetic multimodal cohort -> patch features (OpenSlide, tiling, extraction) -> Stage 1 (slide
-aggregator + report + RNA encoders) -> Stage 2 (self-taught patch encoder) -> features again with the
-Stage 2 encoder -> report generator -> on held-out cases: zero-shot (both modes), few-shot and report
-generation through the pipelines -> optionally the same pipelines on a real slide.
+aggregator + report + RNA encoders) -> [control: Stage 1 on shuffled slide/report/RNA pairing] -> Stage 2
+(self-taught patch encoder) -> features again with the Stage 2 encoder -> report generator -> on held-out
+cases: zero-shot (judged on one declared route), few-shot and report generation through the pipelines;
+the difficulty baselines (colour, untrained encoder) and the initial vs Stage 2 encoder under the paper's
+downstream protocols (`demo_eval`) -> optionally the same pipelines on a real slide.
+
+The cohort's stain is drawn per slide from one pool shared by all types, and the type lives only in the
+mix and layout of tissue patterns every type has (`data.synthetic_tissue`), so nothing passes without
+learning: summary.md prints the colour and untrained-encoder baselines beside every learned figure.
 
 Every stage runs through the same functions as `accelerate launch training/*.py` (each script's
 `main`), not a separate loop. No weights are downloaded: the patch encoder starts random (a small
@@ -14,6 +20,7 @@ tokenizer trained on the cohort's reports.
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -29,6 +36,9 @@ logger = logging.getLogger(__name__)
 # few training cases for Stage 1's triplets and the few-shot prototypes.
 MIN_CASES_PER_TYPE = 5
 MAX_TYPES = 10
+# The zero-shot route the demo's goal is stated on, declared before looking at results: MI-Zero top-k
+# pooling of the aggregator's context-aware patch tokens (the other modes are reported, not judged).
+DECLARED_ZERO_SHOT = {"mode": "patch_topk", "patch_source": "aggregator"}
 
 
 @dataclass
@@ -41,10 +51,12 @@ class DemoSettings:
     slide_size: tuple = (1536, 1536)
     num_genes: int = 128
     max_patches: int = 256
-    stage1_steps: int = 200
+    stage1_steps: int = 150
     stage2_steps: int = 40
-    report_steps: int = 600
+    report_steps: int = 300
     few_shot_support: int = 4
+    # Stage 1 again on shuffled slide/report/RNA pairing: what the held-out figures are without the pairing
+    shuffled_control: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -59,7 +71,7 @@ class DemoSettings:
     @classmethod
     def quick(cls, **kw) -> "DemoSettings":
         return cls(**{**dict(cases_per_type=10, slide_size=(1024, 1024), num_genes=64, stage1_steps=120,
-                             stage2_steps=12), **kw})
+                             stage2_steps=12, shuffled_control=False), **kw})
 
 
 def minilm_path() -> str | None:
@@ -73,22 +85,25 @@ def minilm_path() -> str | None:
 
 
 class _Timer:
+    """Wall and CPU (user+sys) seconds per stage: on a shared machine wall time measures the load, CPU time the work."""
+
     def __init__(self, quiet: bool):
-        self.quiet, self.times, self.start = quiet, {}, time.time()
+        self.quiet, self.times, self.cpu, self.start = quiet, {}, {}, time.time()
 
     def stage(self, name: str):
         timer = self
 
         class _Ctx:
             def __enter__(self):
-                self.t = time.time()
+                self.t, self.c = time.time(), sum(os.times()[:4])
                 if not timer.quiet:
                     print(f"\n== {name} ==", flush=True)
 
             def __exit__(self, *exc):
                 timer.times[name] = round(time.time() - self.t, 1)
+                timer.cpu[name] = round(sum(os.times()[:4]) - self.c, 1)
                 if not timer.quiet and exc[0] is None:
-                    print(f"   ({timer.times[name]:.1f} s)", flush=True)
+                    print(f"   ({timer.times[name]:.1f} s wall, {timer.cpu[name]:.1f} s CPU)", flush=True)
 
         return _Ctx()
 
@@ -113,23 +128,20 @@ def _balanced_accuracy(truth, predicted) -> float:
 
 def _zero_shot(model_dir, cases, labels, mode, patch_source, heatmap_dir=None, support=None):
     """Held-out zero-/few-shot predictions through `pipeline("wsi-zero-shot")`."""
-    from transformers import pipeline
+    from .pipelines import load_pipeline
+    from .pipelines.heatmap import save_zero_shot_heatmap
 
-    from .pipelines.heatmap import save_heatmap
-
-    classifier = pipeline("wsi-zero-shot", model=str(model_dir))
+    classifier = load_pipeline("wsi-zero-shot", str(model_dir))
     truth, predicted = [], []
     for i, case in enumerate(cases):
-        out = classifier(case["features_path"], candidate_labels=labels, mode=mode, patch_source=patch_source,
-                         support=support, return_patch_scores=heatmap_dir is not None and i < 3)
-        preds = out["predictions"] if isinstance(out, dict) else out
+        drawn = heatmap_dir is not None and i < 3
+        preds = classifier(case["features_path"], candidate_labels=labels, mode=mode, patch_source=patch_source,
+                           support=support, return_patch_scores=drawn)
         truth.append(case["cancer_type"])
         predicted.append(preds[0]["label"])
-        if isinstance(out, dict) and heatmap_dir is not None:
-            column = out["labels"].index(preds[0]["label"])
-            save_heatmap(case["slide_path"], out["coords"], out["patch_scores"][:, column], out["patch_size_level0"],
-                         Path(heatmap_dir) / f"{case['slide_id']}_{mode}.png",
-                         title=f"{case['slide_id']} ({case['cancer_type']}): cosine with {preds[0]['label']!r}")
+        if drawn:
+            save_zero_shot_heatmap(preds, Path(heatmap_dir) / f"{case['slide_id']}_{mode}.png", slide=case["slide_path"],
+                                   title=f"{case['slide_id']} ({case['cancer_type']}): cosine with {preds[0]['label']!r}")
     return {"balanced_accuracy": _balanced_accuracy(truth, predicted), "n": len(cases),
             "chance": 1.0 / len(labels), "predicted": predicted, "truth": truth}
 
@@ -143,17 +155,17 @@ def _held_out_reports(report_dir, stage1_dir, cases, train_cases, predictions_pa
     reports next to a copy-the-nearest-training-report baseline (nearest in mSTAR's multimodal slide
     embedding space)."""
     import torch.nn.functional as F
-    from transformers import pipeline
 
     from .evaluation.caption_metrics import compute_caption_metrics
+    from .pipelines import load_pipeline
 
     def has_report(case):
         return bool((case["report"] or "").strip())
 
     cases, train_cases = [c for c in cases if has_report(c)], [c for c in train_cases if has_report(c)]
-    writer = pipeline("wsi-report-generation", model=str(report_dir), trust_remote_code=False)
+    writer = load_pipeline("wsi-report-generation", str(report_dir))
     generated = [_report_text(writer(c["features_path"])) for c in cases]
-    embedder = pipeline("wsi-feature-extraction", model=str(stage1_dir))
+    embedder = load_pipeline("wsi-feature-extraction", str(stage1_dir))
 
     def embed(group):
         return torch.stack([torch.as_tensor(embedder(c["features_path"], project=True)["slide_embedding_shared"])
@@ -173,6 +185,24 @@ def _held_out_reports(report_dir, stage1_dir, cases, train_cases, predictions_pa
             "predictions": str(predictions_path)}
 
 
+def _train_stage1(manifest, output_dir, init_dir, text_model, settings: "DemoSettings", quiet: bool) -> dict:
+    """Stage 1 through the training entry point's function. The report encoder is frozen: with a few dozen
+    reports, fine-tuning a pretrained BERT buys nothing held-out and costs most of Stage 1's time (its
+    forward and backward on every step); the projections, aggregator and RNA encoder learn."""
+    from .training_utils.stage1 import (
+        Stage1DataArguments, Stage1ModelArguments, Stage1TrainingArguments, run_stage1,
+    )
+
+    return run_stage1(
+        Stage1ModelArguments(patch_model_name_or_path=str(init_dir), model_size="tiny",
+                             text_model_name_or_path=text_model, freeze_text_encoder=text_model is not None),
+        Stage1DataArguments(manifest=str(manifest), max_patches=settings.max_patches, eval_split="val,test"),
+        Stage1TrainingArguments(output_dir=str(output_dir), max_train_steps=settings.stage1_steps,
+                                per_device_train_batch_size=8, learning_rate=1e-3, num_warmup_steps=5,
+                                with_tracking=False, quiet=quiet, seed=settings.seed),
+    )
+
+
 def _fresh(folder: Path) -> Path:
     """An unfinished stage restarts cleanly: whatever it left behind is removed first."""
     if folder.exists():
@@ -189,13 +219,11 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
     `DemoFolderError` unless `overwrite=True`, which empties the folder first.
     """
     from . import data as cohort_data
+    from . import demo_eval
     from .hub import render_model_card
     from .modeling import MStarImageProcessor, MStarPatchModel
     from .presets import patch_config
-    from .training_scripts import report_generation, stage2
-    from .training_utils.stage1 import (
-        Stage1DataArguments, Stage1ModelArguments, Stage1TrainingArguments, run_stage1,
-    )
+    from .training_utils import report_generation, stage2
 
     settings = settings or DemoSettings()
     state = DemoFolder.open(out_dir, vars(settings), overwrite=overwrite)
@@ -210,6 +238,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
     out = Path(out_dir)
     models = out / "models"
     timer = _Timer(quiet)
+    cpu_start = sum(os.times()[:4])
     torch.manual_seed(settings.seed)
     text_model = minilm_path()
     common = ["--seed", str(settings.seed), "--with_tracking", "false"] + (["--quiet"] if quiet else [])
@@ -243,15 +272,17 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
         if state.done("stage1"):
             stage1 = json.loads((stage1_dir / "stage1_results.json").read_text())
         else:
-            stage1 = run_stage1(
-                Stage1ModelArguments(patch_model_name_or_path=str(init_dir), model_size="tiny",
-                                     text_model_name_or_path=text_model, text_learning_rate=1e-4),
-                Stage1DataArguments(manifest=str(manifest), max_patches=settings.max_patches, eval_split="val,test"),
-                Stage1TrainingArguments(output_dir=str(_fresh(stage1_dir)), max_train_steps=settings.stage1_steps,
-                                        per_device_train_batch_size=8, learning_rate=1e-3, num_warmup_steps=5,
-                                        with_tracking=False, quiet=quiet, seed=settings.seed),
-            )
+            stage1 = _train_stage1(manifest, _fresh(stage1_dir), init_dir, text_model, settings, quiet)
             state.mark("stage1")
+
+    control_dir = models / "stage1_shuffled_pairing"
+    if settings.shuffled_control:
+        with timer.stage("3b Stage 1 control: the same training on shuffled slide/report/RNA pairing"):
+            if not state.done("stage1_control"):
+                shuffled = demo_eval.shuffled_pairing_manifest(manifest, out / "cohort" / "manifest_shuffled_pairing.csv",
+                                                               seed=settings.seed)
+                _train_stage1(shuffled, _fresh(control_dir), init_dir, text_model, settings, quiet)
+                state.mark("stage1_control")
 
     with timer.stage("4/8 Stage 2: the frozen aggregator teaches the patch encoder"):
         stage2_dir = models / "stage2"
@@ -296,11 +327,28 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
             "patch_topk": _zero_shot(stage1_dir, test_cases, labels, "patch_topk", "aggregator", heatmaps),
             "slide": _zero_shot(stage1_dir, test_cases, labels, "slide", "aggregator"),
         }
+        # the paper's route: the Stage 2 encoder's patch features -> its trained projection -> text
+        stage2_cases = [{**c, "features_path": demo_eval.features_path(c, out / "features_stage2")} for c in test_cases]
+        zero_shot["encoder_stage2"] = _zero_shot(stage2_dir / "mstar_model", stage2_cases, labels, "patch_topk", "encoder")
+        declared = "patch_topk" if DECLARED_ZERO_SHOT["patch_source"] == "aggregator" else "encoder_stage2"
+        control = None
+        if settings.shuffled_control:
+            control = {"zero_shot": _zero_shot(control_dir, test_cases, labels, **DECLARED_ZERO_SHOT),
+                       "retrieval": json.loads((control_dir / "stage1_results.json").read_text())["retrieval"]}
         support = {}
         for label in labels:
             support[label] = [c["features_path"] for c in train_cases if c["cancer_type"] == label][: settings.few_shot_support]
         few_shot = _zero_shot(stage1_dir, test_cases, labels, "patch_topk", "aggregator", support=support)
         reports = _held_out_reports(report_dir, stage1_dir, test_cases, train_cases, out / "report_predictions.jsonl")
+
+    with timer.stage("7b/8 held-out difficulty baselines and Stage 2 downstream (initial vs Stage 2 encoder)"):
+        init_bags = (demo_eval.load_bags(train_cases), demo_eval.load_bags(test_cases))
+        stage2_bags = (demo_eval.load_bags(train_cases, out / "features_stage2"),
+                       demo_eval.load_bags(test_cases, out / "features_stage2"))
+        difficulty = demo_eval.difficulty_baselines(train_cases, test_cases, *init_bags, seed=settings.seed)
+        downstream = demo_eval.encoder_comparison(train_cases, test_cases, {"initial": init_bags, "stage2": stage2_bags},
+                                                  seed=settings.seed)
+        distillation = demo_eval.distillation_report(stage1_dir, stage2_dir / "mstar_model", init_bags, stage2_bags)
 
     real = None
     if slide:
@@ -320,6 +368,14 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
                    "cosine_after": stage2_results["heldout_cosine_after"],
                    "heldout_patches": stage2_results.get("heldout_patches"), "steps": stage2_results.get("steps")},
         "zero_shot": {m: {k: v for k, v in r.items() if k not in ("predicted", "truth")} for m, r in zero_shot.items()},
+        "zero_shot_declared": {"route": declared, **DECLARED_ZERO_SHOT,
+                               "balanced_accuracy": zero_shot[declared]["balanced_accuracy"]},
+        "shuffled_pairing_control": None if control is None else {
+            "zero_shot_balanced_accuracy": control["zero_shot"]["balanced_accuracy"],
+            "chance": control["zero_shot"]["chance"], "retrieval": control["retrieval"]},
+        "difficulty": difficulty,
+        "stage2_downstream": downstream,
+        "stage2_distillation": distillation,
         "few_shot": {k: v for k, v in few_shot.items() if k not in ("predicted", "truth")},
         # held-out reports through the pipeline (val + test); the training script evaluates them with generate()
         "report_generation": reports,
@@ -327,7 +383,10 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
                                             ("eval_cases", "model", "nearest_report_baseline", "steps")},
         "real_slide": real,
         "timings_s": timer.times,
+        "cpu_timings_s": timer.cpu,
         "total_s": round(time.time() - timer.start, 1),
+        # CPU time of this process and its finished children: comparable when the machine is shared
+        "cpu_s": round(sum(os.times()[:4]) - cpu_start, 1),
         "started_at": state.started_at,
         # stages reused from an interrupted earlier run: their time is not in total_s
         "resumed_stages": state.resumed,
@@ -342,20 +401,19 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
 
 def run_on_real_slide(slide, stage1_dir, report_dir, labels, out_dir) -> dict:
     """Runs every pipeline on a real slide file (e.g. CMU-1-Small-Region.svs)."""
-    from transformers import pipeline
-
+    from .pipelines import load_pipeline
     from .pipelines.heatmap import save_zero_shot_heatmap
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    classifier = pipeline("wsi-zero-shot", model=str(stage1_dir))
+    # the package is installed, so its registered classes serve: never run the folder's copy of the code
+    classifier = load_pipeline("wsi-zero-shot", str(stage1_dir))
     result = classifier(slide, candidate_labels=labels, return_patch_scores=True)
     heatmap = save_zero_shot_heatmap(result, out_dir / "zero_shot_heatmap.png")
-    features = pipeline("wsi-feature-extraction", model=str(stage1_dir))(slide)
-    # the package is installed, so its registered classes serve: never prompt for the folder's copy of the code
-    report = pipeline("wsi-report-generation", model=str(report_dir), trust_remote_code=False)(slide)
+    features = load_pipeline("wsi-feature-extraction", str(stage1_dir))(slide)
+    report = load_pipeline("wsi-report-generation", str(report_dir))(slide)
     return {
-        "zero_shot": result["predictions"],
+        "zero_shot": [{"label": d["label"], "score": d["score"]} for d in result],
         "num_patches": int(features["patch_features"].shape[0]),
         "slide_embedding_dim": int(features["slide_embedding"].shape[-1]),
         "generated_report": report[0]["generated_text"] if isinstance(report, list) else report["generated_text"],
@@ -376,11 +434,50 @@ def summary_table(results: dict) -> str:
         if "type_only_R@1" in r:
             same_case += f"; {r['type_only_R@1']:.2f} expected from the type alone"
         rows.append(("slide->report R@1, same case (held-out)", f"{r['R@1']:.2f}", same_case))
-    s2 = results.get("stage2") or {}
-    if "cosine_before" in s2:
-        rows.append(("Stage 2 student-teacher cosine", f"{s2['cosine_before']:.3f} -> {s2['cosine_after']:.3f}", "rises"))
+    def ci(r):
+        return f"{r['balanced_accuracy']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+
+    difficulty = results.get("difficulty") or {}
+    for key, what in (("mean_rgb_nearest_centroid", "difficulty: slide mean-RGB nearest centroid"),
+                      ("initial_encoder_linear_probe", "difficulty: initial encoder, linear probe"),
+                      ("initial_encoder_few_shot_k1", "difficulty: initial encoder, few-shot k=1"),
+                      ("initial_encoder_few_shot_k2", "difficulty: initial encoder, few-shot k=2"),
+                      ("initial_encoder_few_shot_k4", "difficulty: initial encoder, few-shot k=4")):
+        if key in difficulty:
+            goal = "; goal <= 0.5" if key in ("mean_rgb_nearest_centroid", "initial_encoder_few_shot_k1") else ""
+            rows.append((f"{what} (held-out BA [95% CI])", ci(difficulty[key]), f"chance {difficulty['chance']:.2f}{goal}"))
+    declared = results.get("zero_shot_declared")
+    if declared:
+        rows.append((f"Stage 1 zero-shot BA, declared route ({declared['route']})", f"{declared['balanced_accuracy']:.2f}",
+                     "goal >= 0.8"))
+    control = results.get("shuffled_pairing_control")
+    if control:
+        r = control["retrieval"].get("slide->report", {})
+        rows.append(("control: Stage 1 on shuffled pairing, zero-shot BA", f"{control['zero_shot_balanced_accuracy']:.2f}",
+                     f"chance {control['chance']:.2f}; goal <= 0.45"))
+        if r:
+            rows.append(("control: slide->report type R@1", f"{r['type_R@1']:.2f}", f"chance {r['type_chance@1']:.2f}"))
     for mode, z in results["zero_shot"].items():
         rows.append((f"zero-shot balanced accuracy ({mode})", f"{z['balanced_accuracy']:.2f}", f"chance {z['chance']:.2f}"))
+    for protocol, row in (results.get("stage2_downstream") or {}).items():
+        d = row.get("difference")
+        diff = f"; diff {d['delta']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]" if d else ""
+        goal = "; goal diff >= +0.10, CI > 0" if protocol in ("linear_probe", "few_shot_k1") else ""
+        rows.append((f"Stage 2 downstream {protocol}: initial -> Stage 2 encoder", f"{ci(row['initial'])} -> {ci(row['stage2'])}",
+                     diff.lstrip("; ") + goal))
+    dist = results.get("stage2_distillation")
+    if dist:
+        st, mt, rg = dist["stage2_student"], dist["mean_target"], dist["ridge_on_initial_features"]
+        rows.append(("Stage 2 target (held-out patches): plain cosine", f"{st['cosine']:.3f}",
+                     f"predict-the-mean {mt['cosine']:.3f}; linear map of initial features {rg['cosine']:.3f}"))
+        rows.append(("Stage 2 target: centred cosine / R^2", f"{st['centred_cosine']:.3f} / {st['r2']:.3f}",
+                     f"mean {mt['centred_cosine']:.3f} / {mt['r2']:.3f}; linear {rg['centred_cosine']:.3f} / {rg['r2']:.3f}"))
+        rows.append((f"Stage 2 target: patch retrieval@1 (n={st['n']})", f"{st['retrieval@1']:.3f}",
+                     f"mean target {mt['retrieval@1']:.3f} (goal >= 5x); linear {rg['retrieval@1']:.3f}"))
+    s2 = results.get("stage2") or {}
+    if "cosine_before" in s2:
+        rows.append(("Stage 2 training log: student-teacher cosine", f"{s2['cosine_before']:.3f} -> {s2['cosine_after']:.3f}",
+                     "plain cosine: see the predict-the-mean row"))
     f = results["few_shot"]
     rows.append(("few-shot balanced accuracy", f"{f['balanced_accuracy']:.2f}", f"chance {f['chance']:.2f}"))
     rg = results.get("report_generation") or {}
@@ -391,7 +488,9 @@ def summary_table(results: dict) -> str:
             rows.append((f"report {metric} (held-out, n={rg.get('n', '?')}, pipeline)", f"{model_scores[metric]:.3f}",
                          f"copy-nearest-training-report baseline {base:.3f}" if base is not None else ""))
     rows.append(("report encoder", results["text_encoder"], ""))
-    rows.append(("total runtime", f"{results['total_s']:.0f} s", "goal <= 600 s (quick: 180 s)"))
+    cpu = results.get("cpu_s")
+    rows.append(("total runtime", f"{results['total_s']:.0f} s wall" + (f", {cpu:.0f} s CPU (user+sys)" if cpu else ""),
+                 "goal <= 180 s on 2 idle cores (quick: less); wall depends on the machine's load"))
     if results.get("resumed_stages"):
         rows.append(("resumed from an earlier run", ", ".join(results["resumed_stages"]), "their time is not counted"))
     width = [max(len(str(row[i])) for row in rows) for i in range(3)]

@@ -19,9 +19,11 @@ def register(subparsers) -> None:
         "evaluate",
         help="evaluate patch features on a labelled cohort (MIL heads, survival, linear probe, few-shot)",
         description="Train and test slide-level heads on the patch features of a cohort manifest with k-fold "
-                    "cross-validation (or the manifest's train/val/test split), and report metrics with 1,000-sample "
-                    "bootstrap 95% CIs. Give several --features folders (same file names, e.g. two encoders) to "
-                    "compare them on the same slides and folds, with paired bootstrap p-values against the first. "
+                    "cross-validation (or the manifest's train/val/test split, checked so that no case (patient) is on "
+                    "two sides), and report per-case metrics: the mean +- std over folds, or a fixed test split's "
+                    "value with its 1,000-sample case-bootstrap 95% CI, beside the pooled out-of-fold figure. Give "
+                    "several --features folders (same file names, e.g. two encoders) to compare them on the same "
+                    "slides and folds, with paired case-bootstrap p-values against the first. "
                     "Writes OUT/results.json, OUT/predictions_<name>.csv and plots (ROC, Kaplan-Meier, few-shot "
                     "curve, attention heatmaps).",
     )
@@ -53,12 +55,22 @@ def register(subparsers) -> None:
     head.add_argument("--weight-decay", type=float, default=1e-5)
     head.add_argument("--max-patches", type=_positive_int, default=None,
                       help="patches sampled per slide and epoch in training (default: all)")
-    head.add_argument("--num-time-bins", type=_positive_int, default=4, help="survival time bins (default 4)")
+    head.add_argument("--num-time-bins", type=_positive_int, default=4, help="survival time bins (default 4, "
+                      "quantiles of the training cases' uncensored times)")
+    head.add_argument("--bag-level", choices=["slide", "case"], default="slide",
+                      help="slide: one bag per slide, a case's prediction is the mean over its slides (default); "
+                           "case: one bag holding all the patches of a case's slides")
     head.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     split = parser.add_argument_group("folds and statistics")
     split.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     split.add_argument("--splits", choices=["auto", "manifest", "kfold"], default="auto",
-                       help="auto: the manifest's split column when every slide has one, else k-fold")
+                       help="auto: the manifest's split column when every slide has one, else k-fold. A case whose "
+                            "slides are on two sides of the split column is an error")
+    split.add_argument("--split-from-first-slide", action="store_true",
+                       help="instead of that error, give every slide of such a case its first slide's split (warned)")
+    split.add_argument("--score-level", choices=["case", "slide"], default="case",
+                       help="case: one score per patient (mean of its slides' predictions; default); slide: one per "
+                            "slide. Bootstrap CIs and paired tests resample cases either way")
     split.add_argument("--val-fraction", type=float, default=0.2,
                        help="share of each training part held out for early stopping (0: none, fixed epochs)")
     split.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples (default 1000)")
@@ -100,12 +112,13 @@ def run(args) -> int:
             attention_dim=args.attention_dim, dropout=args.dropout, transmil_size=args.transmil_size, init=init,
             aggregator=aggregator, learning_rate=args.lr, weight_decay=args.weight_decay, epochs=args.epochs,
             patience=args.patience, max_patches=args.max_patches, early_stopping=args.early_stopping,
-            num_time_bins=args.num_time_bins, seed=args.seed,
+            num_time_bins=args.num_time_bins, bag_level=args.bag_level, seed=args.seed,
         )
         config = EvaluationConfig(
             manifest=args.manifest, out_dir=args.out, task=args.task, features=args.features, names=args.names,
             label=args.label, time_column=args.time_column, event_column=args.event_column, folds=args.folds,
-            splits=args.splits, val_fraction=args.val_fraction, num_bootstrap=args.bootstrap, shots=args.shots,
+            splits=args.splits, split_from_first_slide=args.split_from_first_slide, score_level=args.score_level,
+            val_fraction=args.val_fraction, num_bootstrap=args.bootstrap, shots=args.shots,
             draws=args.draws, C=args.C, heatmaps=args.heatmaps, skip_missing=args.skip_missing, cpu=args.cpu,
             progress=not args.quiet, mil=settings,
         )
@@ -113,6 +126,8 @@ def run(args) -> int:
     except (ValueError, OSError, KeyError) as e:
         print(f"mstar-hf evaluate: error: {e}", file=sys.stderr)
         return 1
+    if results.get("notice"):
+        print(results["notice"] + "\n")
     print(results["table"])
     if results["excluded"]:
         print(f"\n{len(results['excluded'])} slide(s) left out (see results.json 'excluded').")

@@ -15,9 +15,14 @@ DESCRIPTION = """\
 Segment tissue, tile it into patches at a target magnification and write the patch encoder's
 features to OUT/<slide>.h5 (datasets coords, features; TRIDENT/CLAM layout), a QC picture to
 OUT/qc/<slide>.png, failed slides with their reason to OUT/failures.csv and totals to
-OUT/summary.json. Finished slides are skipped on re-run. Several processes split the slides:
-  accelerate launch --num_processes 2 -m mstar_hf.cli extract ...
+OUT/summary.json. Finished slides are skipped on re-run unless the slide file changed. Several
+processes (one per GPU, on one or many nodes) each claim the next unclaimed slide, so a slow slide
+never idles the others:
+  accelerate launch --num_processes 8 -m mstar_hf.cli extract ...
   torchrun --nproc_per_node 2 -m mstar_hf.cli extract ...
+On a GPU: bf16 autocast, fused attention and channels_last by default; --compile for torch.compile;
+cuCIM decodes tiles when installed (--reader). A slide whose resolution metadata are implausible
+(e.g. a 72 dpi TIFF) fails with a message asking for --mpp.
 """
 
 
@@ -38,14 +43,21 @@ def register(subparsers):
     p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a kept patch")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=None,
-                   help="reader processes per extraction process (default: its share of the cores - 1, at most 8)")
+                   help="reader processes per extraction process (default: its share of the cores - 1, at most 8 "
+                        "on CPU and 32 on a GPU, which needs ~1 reader core per 500-1000 patches/s)")
     p.add_argument("--num-threads", type=int, default=None,
                    help="CPU compute threads (default on CPU: cores minus reader workers)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast precision (default auto: bf16 on a GPU, fp32 on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder (GPU: worth it for many slides; the first batch compiles)")
+    p.add_argument("--reader", choices=["openslide", "cucim", "auto"], default="auto",
+                   help="tile decoder: cuCIM (faster, TIFF/SVS, if installed) or OpenSlide (default auto: cuCIM "
+                        "when installed and able to read the file)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--mpp", type=float, default=None,
-                   help="level-0 microns per pixel of slides whose metadata have no resolution "
-                        "(a CSV 'mpp' column sets it per slide, overriding the metadata)")
+                   help="level-0 microns per pixel of every slide, overriding the metadata (needed when they have "
+                        "none or an implausible one, e.g. a plain TIFF's 72 dpi); a CSV 'mpp' column sets it per slide")
     p.add_argument("--seg-mpp", type=float, default=4.0, help="resolution of tissue segmentation (um/px)")
     p.add_argument("--seg-min-saturation", type=float, default=15.0, help="floor of the Otsu saturation threshold")
     p.add_argument("--recursive", action="store_true", help="look for slides in sub-folders too")
@@ -177,9 +189,8 @@ def run(args) -> int:
         print(f"extract: error: cannot load the patch encoder from {args.model}: {e}", file=sys.stderr)
         return 2
 
-    # Cores are shared by the processes of a multi-process launch: each takes its share, minus one for compute.
-    cores = max(1, (os.cpu_count() or 2) // max(1, int(os.environ.get("WORLD_SIZE", "1"))))
-    num_workers = args.num_workers if args.num_workers is not None else min(8, max(1, cores - 1))
+    # None: each process of a launch takes its share of the cores (extraction.default_num_workers)
+    num_workers = args.num_workers
     target_mpp = args.target_mpp if args.target_mpp else magnification_to_mpp(args.magnification)
     summary = extract_features(
         specs, args.out, model, processor,
@@ -187,7 +198,7 @@ def run(args) -> int:
         batch_size=args.batch_size, num_workers=num_workers, precision=args.precision, device=args.device,
         mpp=args.mpp, resume=args.resume, qc=args.qc, quiet=args.quiet,
         seg_params={"seg_mpp": args.seg_mpp, "min_saturation": args.seg_min_saturation},
-        num_threads=args.num_threads, extra_failures=problems,
+        num_threads=args.num_threads, extra_failures=problems, compile=args.compile, reader=args.reader,
     )
     if summary.get("rank", 0) != 0:
         return 0

@@ -38,6 +38,10 @@ def register(subparsers) -> None:
     parser.add_argument("--genes", type=int, default=256, help="gene vocabulary size (default 256)")
     parser.add_argument("--missing-report-frac", type=float, default=0.1)
     parser.add_argument("--missing-rna-frac", type=float, default=0.1)
+    parser.add_argument("--painter", choices=("stain_pool", "type_colour"), default="stain_pool",
+                        help="stain_pool (default): per-slide stain from one pool shared by all types, the type "
+                             "only in the mix and layout of shared tissue patterns (must be learned); "
+                             "type_colour: per-type colours that give the type away (easy fixtures)")
     parser.add_argument("--workers", type=int, default=None, help="slide-painting threads (default up to 2)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=run)
@@ -58,6 +62,7 @@ def run(args) -> int:
             missing_report_frac=args.missing_report_frac,
             missing_rna_frac=args.missing_rna_frac,
             num_workers=args.workers,
+            painter=args.painter,
             quiet=args.quiet,
         )
     except (ValueError, OSError) as e:

@@ -26,6 +26,9 @@ _EXPORTS = {
     "zero_shot_prompts": "text", "write_report": "text", "train_report_tokenizer": "text",
     # synthetic_cohort.py
     "make_synthetic_cohort": "synthetic_cohort",
+    # report_cleaning.py, tcga.py, build_cohort.py (real TCGA/GDC cohorts)
+    "clean_report": "report_cleaning", "warn_report_truncation": "report_cleaning", "parse_barcode": "tcga",
+    "build_cohort": "build_cohort",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -8,7 +8,8 @@ into the model inputs:
     patch_features float [B,N,D], patch_attention_mask bool [B,N] (True = real patch),
     input_ids long [B,T], attention_mask long [B,T], rna_bins long [B,G], rna_mask bool [B,G],
     slide_present / report_present / rna_present bool [B], cancer_type long [B] (-1 = unknown),
-    case_id list[str]  (not a tensor: pop it before calling the model).
+    case_id list[str]  (not a tensor: pop it before calling the model), case_index long [B] (a stable id
+    per case, the same in every process, so that the Stage 1 loss never contrasts a patient with itself).
 
 N is the longest slide of the batch (at least 1), or `max_patches` with `pad_to_max=True`; padded
 rows are zeros with mask False, and a case without a slide has an all-False row.
@@ -24,6 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from .bags import pad_bags
 
 from .features import read_slide_features
 from .manifest import load_case_rna
@@ -174,19 +177,13 @@ class MStarDataCollator:
         if dim is None:
             raise ValueError("no case of this batch has a slide, so the feature width is unknown: "
                              "pass feature_dim= to the collator.")
-        longest = max([x.shape[0] for x in feats if x is not None], default=0)
-        n = self.max_patches if self.pad_to_max else max(longest, 1)
         batch_size = len(items)
-        patch_features = torch.zeros(batch_size, n, dim, dtype=torch.float32)
-        patch_mask = torch.zeros(batch_size, n, dtype=torch.bool)
-        patch_coords = torch.zeros(batch_size, n, 2, dtype=torch.long) if self.return_coords else None
-        for b, (x, c) in enumerate(zip(feats, coords)):
-            if x is None:
-                continue
-            patch_features[b, : x.shape[0]] = x
-            patch_mask[b, : x.shape[0]] = True
-            if patch_coords is not None and c is not None:
-                patch_coords[b, : c.shape[0]] = c
+        bags = pad_bags(feats, coords if self.return_coords else None, dim=dim,
+                        length=self.max_patches if self.pad_to_max else None)
+        patch_features, patch_mask = bags["patch_features"], bags["patch_attention_mask"]
+        patch_coords = None
+        if self.return_coords:  # zeros for bags without coords
+            patch_coords = bags.get("patch_coords", torch.zeros(batch_size, patch_features.shape[1], 2, dtype=torch.long))
 
         # Reports.
         text = self.processor.tokenize_reports([it.get("report") for it in items], case_ids,
@@ -229,10 +226,19 @@ class MStarDataCollator:
             "cancer_type": torch.tensor([self._cancer_type(it.get("cancer_type"), c)
                                          for c, it in zip(case_ids, items)], dtype=torch.long),
             "case_id": case_ids,
+            "case_index": torch.tensor([case_index(c) for c in case_ids], dtype=torch.long),
         }
         if patch_coords is not None:
             batch["patch_coords"] = patch_coords
         return batch
+
+
+def case_index(case_id: str) -> int:
+    """A stable 62-bit integer id of a case name (the same in every process and run; Python's `hash` is
+    salted per process)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(str(case_id).encode(), digest_size=8).digest(), "little") >> 2
 
 
 def build_cohort_dataloader(dataset, processor: MStarProcessor, batch_size: int = 8, shuffle: bool = True,

@@ -13,13 +13,20 @@ features_path      yes       h5 with `coords` (N,2) and `features` (N,D) from `m
 slide_path         no        the WSI itself (not read here)
 report             no        report text; empty = no report
 report_path        no        a text file holding the report (read when `report` is empty)
-rna_path           no        per-case expression file (CSV/TSV gene,value); empty = no RNA
+rna_path           no        per-case expression file (CSV/TSV gene,value, GDC STAR counts, legacy
+                             RSEM `genes.normalized_results`); empty = no RNA
+rna_value_column   no        the value column of `rna_path` (e.g. `tpm_unstranded` of a GDC
+                             STAR-counts file; empty = the reader's default)
 rna_matrix_path    no        expression matrix (rows = samples) ...
 rna_row_id         no        ... and the row of this case
 label              no        any label (int if all values are integers, else str)
 time, event        no        survival: time >= 0, event 0/1
 split              no        train / val / test ("valid", "validation" -> "val")
 =================  ========  =================================================================
+
+Any other column (e.g. `sample_id`, `project_id` written by `mstar-hf build-cohort`) is kept as a
+string column. Reports are cleaned (`clean_reports=True`, see `report_cleaning.clean_report`): OCR
+noise, barcodes and page headers dropped, diagnosis sections first.
 
 Relative paths are resolved against the manifest's folder. Patch features are *not* stored in the
 dataset: `CohortTorchDataset` / `MStarDataCollator` read them from the h5 when an item is used.
@@ -37,12 +44,14 @@ import math
 import os
 from collections.abc import Sequence
 
+from .report_cleaning import clean_report
+
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("case_id", "slide_id", "cancer_type", "features_path")
 PATH_COLUMNS = ("features_path", "slide_path", "report_path", "rna_path", "rna_matrix_path")
 STRING_COLUMNS = REQUIRED_COLUMNS + ("slide_path", "report", "report_path", "rna_path", "rna_matrix_path",
-                                     "rna_row_id", "split")
+                                     "rna_row_id", "rna_value_column", "split")
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                   "dev": "val", "test": "test", "testing": "test"}
@@ -110,6 +119,7 @@ def load_cohort(
     check_files: bool = True,
     strict_reports: bool = False,
     cancer_types: Sequence[str] | None = None,
+    clean_reports: bool = True,
 ):
     """Load a cohort manifest as a `datasets.Dataset` (one row per slide).
 
@@ -120,6 +130,9 @@ def load_cohort(
         strict_reports: raise on whitespace-only reports (default: they count as missing).
         cancer_types: fix the list (and so the ids) of cancer types, e.g. those a model was
             trained on; types not in it get id -1 with a warning. Default: sorted types of the manifest.
+        clean_reports: clean OCR'd reports (`clean_report`: headers, barcodes, UUIDs, redaction marks
+            and OCR noise dropped, diagnosis sections first); a clean report is left as it is, a
+            report that is all noise counts as missing (with a warning).
 
     Returns:
         A `datasets.Dataset` with columns case_id, slide_id, cancer_type, cancer_type_id (ClassLabel,
@@ -192,14 +205,24 @@ def load_cohort(
     rna_paths = [_resolve(base, v) for v in col("rna_path")]
     matrix_paths = [_resolve(base, v) for v in col("rna_matrix_path")]
     row_ids = [None if _blank(v) else str(v).strip() for v in col("rna_row_id")]
-    reports = []
+    reports, noise_only, cleaned = [], [], {}
     for case_id, text, rpath in zip(case_ids, col("report"), report_paths):
         if _blank(text) and rpath is not None:
             text = read_report_file(rpath, case_id)
         if isinstance(text, str) and text and not text.strip():
             if strict_reports:
                 raise ManifestError(f"manifest {manifest!r}: report of case {case_id!r} is empty (whitespace only).")
+        elif clean_reports and isinstance(text, str) and text:
+            # the slides of a case share its report: clean each text once (~10 ms per OCR'd report)
+            if text not in cleaned:
+                cleaned[text] = clean_report(text)
+            text = cleaned[text]
+            if not text:
+                noise_only.append(case_id)
         reports.append(None if (text is None or text == "") else str(text))
+    if noise_only:
+        logger.warning("Manifest %s: the report(s) of case(s) %s hold nothing but OCR noise / headers: treated as "
+                       "missing.", manifest, _listed(noise_only))
     for case_id, rpath, mpath, rid in zip(case_ids, rna_paths, matrix_paths, row_ids):
         if rpath is not None and mpath is not None:
             raise ManifestError(f"manifest {manifest!r}: case {case_id!r} has both rna_path and rna_matrix_path.")
@@ -257,6 +280,7 @@ def load_cohort(
         "rna_path": rna_paths,
         "rna_matrix_path": matrix_paths,
         "rna_row_id": row_ids,
+        "rna_value_column": [None if _blank(v) else str(v).strip() for v in col("rna_value_column")],
         "label": labels,
         "time": times,
         "event": [None if e is None else int(e) for e in events],
@@ -314,7 +338,8 @@ def load_case_rna(example: dict):
     from .rna import read_expression_file, read_expression_row
 
     if example.get("rna_path"):
-        return read_expression_file(example["rna_path"], case_id=example.get("case_id"))
+        return read_expression_file(example["rna_path"], case_id=example.get("case_id"),
+                                    value_column=example.get("rna_value_column") or None)
     if example.get("rna_matrix_path"):
         return read_expression_row(example["rna_matrix_path"], example["rna_row_id"], case_id=example.get("case_id"))
     return None

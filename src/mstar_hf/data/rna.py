@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -94,11 +95,150 @@ def _pick_column(columns, names, what: str, source: str, case_id) -> Any:
     )
 
 
-def read_expression_file(path: str | os.PathLike, case_id: str | None = None) -> "pd.Series":
-    """Read a per-case expression file into a `pandas.Series` (index gene, float values).
+# GDC's RNA-Seq file today: `<uuid>.rna_seq.augmented_star_gene_counts.tsv` (STAR - Counts, GENCODE v36).
+STAR_COUNTS_VALUE_COLUMNS = ("unstranded", "stranded_first", "stranded_second", "tpm_unstranded",
+                             "fpkm_unstranded", "fpkm_uq_unstranded")
+DEFAULT_STAR_VALUE_COLUMN = "tpm_unstranded"
+# gene x sample matrices: the gene identifier column(s) (cBioPortal: Hugo_Symbol + Entrez_Gene_Id;
+# UCSC Xena: the first column, e.g. `sample`, `Ensembl_ID` or `gene`)
+MATRIX_GENE_COLUMNS = ("hugo_symbol", "entrez_gene_id")
+MATRIX_GENE_FIRST_COLUMNS = GENE_COLUMN_NAMES + ("ensembl_id", "entrez_gene_id", "id", "gene_symbol")
+_SAMPLE_BARCODE = re.compile(r"^TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}-\d{2}", re.IGNORECASE)
 
-    Accepts CSV (`.csv`), TSV (`.tsv`, `.txt`, `.tab`) or Parquet with two columns gene,value, with
-    or without a header; with more columns, the gene and value columns are found by name.
+
+def strip_ensembl_version(gene_id: str) -> str:
+    """`ENSG00000000003.15` -> `ENSG00000000003`; `ENSG00000228572.7_PAR_Y` -> `ENSG00000228572_PAR_Y`
+    (the Y copy of a pseudo-autosomal gene keeps its suffix, so it never collides with the X copy)."""
+    head, dot, tail = str(gene_id).strip().partition(".")
+    if not dot or not head.startswith("ENS"):
+        return head + dot + tail
+    digits = len(tail) - len(tail.lstrip("0123456789"))
+    return head + tail[digits:] if digits else head + dot + tail
+
+
+def _open_text(path: str):
+    if path.lower().endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def _sniff_text_table(path: str) -> tuple[int, str]:
+    """(number of leading `#` comment lines, separator) of a text table. `.csv` files are
+    comma-separated; other files (.tsv, .txt, GDC's `.normalized_results`, ...) are tab-separated
+    when their first data line holds a tab."""
+    comments, first = 0, ""
+    with _open_text(path) as f:
+        for line in f:
+            if line.startswith("#"):
+                comments += 1
+                continue
+            first = line
+            break
+    lower = path.lower()
+    if lower.endswith((".csv", ".csv.gz")):
+        return comments, ","
+    return comments, "\t" if "\t" in first or not first else ","
+
+
+def _read_text_table(path: str, case_id) -> "pd.DataFrame":
+    import pandas as pd
+
+    comments, sep = _sniff_text_table(path)
+    try:
+        return pd.read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False, skiprows=comments)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except pd.errors.ParserError as e:
+        raise ValueError(f"RNA expression file is not a {'tab' if sep == chr(9) else 'comma'}-separated table "
+                         f"({e}){_where(case_id, path)}.") from None
+
+
+def _numeric(column: "pd.Series", genes, what: str, source: str, case_id) -> np.ndarray:
+    import pandas as pd
+
+    values = pd.to_numeric(column.replace("", "nan"), errors="coerce")
+    bad = column[values.isna() & ~column.astype(str).str.strip().str.lower().isin(["nan", "", "na", "null", "none"])]
+    if len(bad):
+        raise ValueError(f"RNA expression file has non-numeric values in column {what!r} for genes "
+                         f"{_preview(np.asarray(genes)[bad.index])}{_where(case_id, source)}.")
+    return values.to_numpy(dtype=np.float64)
+
+
+def _star_counts(frame: "pd.DataFrame", value_column: str | None, path: str, case_id) -> "pd.Series":
+    """GDC STAR-counts TSV -> Series on a (gene_id without version, gene_name) MultiIndex."""
+    import pandas as pd
+
+    value_column = value_column or DEFAULT_STAR_VALUE_COLUMN
+    if value_column not in frame.columns:
+        raise ValueError(f"GDC STAR-counts file has no value column {value_column!r}; its columns are "
+                         f"{list(frame.columns)}{_where(case_id, path)}.")
+    ids = frame["gene_id"].astype(str).str.strip()
+    # N_unmapped, N_multimapping, N_noFeature, N_ambiguous: STAR's read tallies, not genes
+    genes = frame[~ids.str.startswith("N_")].reset_index(drop=True)
+    ids = genes["gene_id"].astype(str).str.strip()
+    values = _numeric(genes[value_column], ids, value_column, path, case_id)
+    index = pd.MultiIndex.from_arrays([[strip_ensembl_version(g) for g in ids],
+                                       genes["gene_name"].astype(str).str.strip().tolist()],
+                                      names=["gene_id", "gene_name"])
+    return pd.Series(values, index=index, name=value_column)
+
+
+def _read_star_counts(path: str, comments: int, header: list[str], value_column: str | None,
+                      case_id) -> "pd.Series":
+    """Fast path for the GDC STAR-counts TSV (60k rows): only the three needed columns, parsed by
+    pandas' C reader; ~10x faster than reading every cell as text."""
+    import pandas as pd
+
+    value_column = value_column or DEFAULT_STAR_VALUE_COLUMN
+    if value_column not in header:
+        raise ValueError(f"GDC STAR-counts file has no value column {value_column!r}; its columns are "
+                         f"{header}{_where(case_id, path)}.")
+    columns = ["gene_id", "gene_name", value_column]
+    try:
+        frame = pd.read_csv(path, sep="\t", skiprows=comments, usecols=columns, keep_default_na=False,
+                            na_values=[""], dtype={"gene_id": str, "gene_name": str, value_column: np.float64})
+    except ValueError:  # a non-numeric cell: the text path names the genes
+        frame = pd.read_csv(path, sep="\t", skiprows=comments, usecols=columns, dtype=str, keep_default_na=False)
+        return _star_counts(frame, value_column, path, case_id)
+    genes = frame[~frame["gene_id"].str.startswith("N_")]
+    index = pd.MultiIndex.from_arrays(
+        [[strip_ensembl_version(g) for g in genes["gene_id"]], genes["gene_name"].str.strip().to_numpy()],
+        names=["gene_id", "gene_name"])
+    return pd.Series(genes[value_column].to_numpy(dtype=np.float64), index=index, name=value_column)
+
+
+def _rsem_normalized(frame: "pd.DataFrame", path: str, case_id) -> "pd.Series":
+    """Legacy TCGA `*.rsem.genes.normalized_results` (`gene_id normalized_count`, ids `A1BG|1`,
+    `?|100130426` for genes without a symbol) -> Series on a (symbol, entrez id) MultiIndex."""
+    import pandas as pd
+
+    parts = frame["gene_id"].astype(str).str.strip().str.split("|", n=1)
+    symbols = [p[0] if p[0] != "?" else "" for p in parts]
+    entrez = [p[1] if len(p) > 1 else "" for p in parts]
+    values = _numeric(frame["normalized_count"], frame["gene_id"], "normalized_count", path, case_id)
+    index = pd.MultiIndex.from_arrays([symbols, entrez], names=["gene_name", "entrez_id"])
+    return pd.Series(values, index=index, name="normalized_count")
+
+
+def read_expression_file(path: str | os.PathLike, case_id: str | None = None,
+                         value_column: str | None = None) -> "pd.Series":
+    """Read a per-case expression file into a `pandas.Series` of float values.
+
+    Layouts (text files may be gzipped; leading `#` comment lines are skipped):
+
+    * GDC STAR counts (`*.rna_seq.augmented_star_gene_counts.tsv`): `value_column` picks one of
+      `unstranded stranded_first stranded_second tpm_unstranded fpkm_unstranded fpkm_uq_unstranded`
+      (default `tpm_unstranded`); the `N_*` rows are dropped; the index is a (gene_id without its
+      version, gene_name) MultiIndex, matched to a vocabulary by either;
+    * legacy TCGA RSEM (`*.rsem.genes.normalized_results`: `gene_id normalized_count`, ids `A1BG|1`):
+      a (gene_name, entrez_id) MultiIndex;
+    * two columns gene,value with or without a header (CSV, TSV);
+    * more columns: `value_column`, or the gene and value columns found by name
+      (`GENE_COLUMN_NAMES`, `VALUE_COLUMN_NAMES`); Parquet likewise.
+
+    A file of no known layout is a `ValueError` naming the file and the columns found.
     """
     import pandas as pd
 
@@ -108,18 +248,24 @@ def read_expression_file(path: str | os.PathLike, case_id: str | None = None) ->
     lower = path.lower()
     if lower.endswith(".parquet"):
         frame = pd.read_parquet(path)
+        frame.columns = [str(c).strip() for c in frame.columns]
     else:
-        sep = "\t" if lower.endswith((".tsv", ".txt", ".tab", ".tsv.gz", ".txt.gz")) else ","
-        try:
-            frame = pd.read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False)
-        except pd.errors.EmptyDataError:
-            frame = pd.DataFrame()
+        comments, sep = _sniff_text_table(path)
+        with _open_text(path) as f:
+            for _ in range(comments):
+                f.readline()
+            header = [c.strip() for c in f.readline().rstrip("\n").split(sep)]
+        if {"gene_id", "gene_name"} <= set(header) and set(header) & set(STAR_COUNTS_VALUE_COLUMNS):
+            series = _read_star_counts(path, comments, header, value_column, case_id)
+            series.attrs["source"] = path
+            return series
+        frame = _read_text_table(path, case_id)
         if frame.shape[0] and frame.shape[1] >= 2:
             # A header is a first row whose value cell is not a number.
             first_value = frame.iloc[0, -1] if frame.shape[1] == 2 else None
             has_header = frame.shape[1] > 2 or not _is_number(first_value)
             if has_header:
-                frame.columns = [str(c) for c in frame.iloc[0]]
+                frame.columns = [str(c).strip() for c in frame.iloc[0]]
                 frame = frame.iloc[1:].reset_index(drop=True)
             else:
                 frame.columns = ["gene", "value"]
@@ -127,22 +273,32 @@ def read_expression_file(path: str | os.PathLike, case_id: str | None = None) ->
         raise ValueError(f"RNA expression file is empty{_where(case_id, path)}.")
     if frame.shape[1] < 2:
         raise ValueError(
-            f"RNA expression file needs two columns gene,value, got {frame.shape[1]}{_where(case_id, path)}."
+            f"RNA expression file needs at least two columns (gene, value); found {frame.shape[1]}: "
+            f"{[str(c) for c in frame.columns]}{_where(case_id, path)}."
         )
-    if frame.shape[1] == 2:
-        gene_col, value_col = frame.columns
+    columns = set(frame.columns)
+    if {"gene_id", "gene_name"} <= columns and columns & set(STAR_COUNTS_VALUE_COLUMNS):
+        series = _star_counts(frame.astype(str), value_column, path, case_id)
+    elif (list(frame.columns) == ["gene_id", "normalized_count"] and value_column in (None, "normalized_count")
+          and frame["gene_id"].astype(str).str.contains("|", regex=False).any()):
+        series = _rsem_normalized(frame.astype(str), path, case_id)
     else:
-        gene_col = _pick_column(frame.columns, GENE_COLUMN_NAMES, "gene", path, case_id)
-        value_col = _pick_column(frame.columns, VALUE_COLUMN_NAMES, "value", path, case_id)
-    values = pd.to_numeric(frame[value_col].replace("", "nan"), errors="coerce")
-    bad = frame[value_col][values.isna() & ~frame[value_col].astype(str).str.strip().str.lower().isin(
-        ["nan", "", "na", "null", "none"])]
-    if len(bad):
-        raise ValueError(
-            f"RNA expression file has non-numeric values for genes "
-            f"{_preview(frame.loc[bad.index, gene_col])}{_where(case_id, path)}."
-        )
-    series = pd.Series(values.to_numpy(dtype=np.float64), index=frame[gene_col].astype(str).str.strip().to_numpy())
+        if value_column is not None:
+            if value_column not in columns:
+                raise ValueError(f"RNA expression file has no value column {value_column!r}; its columns are "
+                                 f"{list(frame.columns)}{_where(case_id, path)}.")
+            value_col = value_column
+            others = [c for c in frame.columns if c != value_col]
+            gene_col = others[0] if len(others) == 1 else _pick_column(others, GENE_COLUMN_NAMES, "gene", path,
+                                                                      case_id)
+        elif frame.shape[1] == 2:
+            gene_col, value_col = frame.columns
+        else:
+            gene_col = _pick_column(frame.columns, GENE_COLUMN_NAMES, "gene", path, case_id)
+            value_col = _pick_column(frame.columns, VALUE_COLUMN_NAMES, "value", path, case_id)
+        genes = frame[gene_col].astype(str).str.strip().to_numpy()
+        values = _numeric(frame[value_col].astype(str), genes, str(value_col), path, case_id)
+        series = pd.Series(values, index=genes)
     series.attrs["source"] = path
     return series
 
@@ -161,9 +317,44 @@ _MATRIX_CACHE: "OrderedDict[tuple[str, float], Any]" = OrderedDict()
 _MATRIX_CACHE_SIZE = 2
 
 
+def _genes_by_samples(frame: "pd.DataFrame", path: str) -> "pd.DataFrame | None":
+    """A gene x sample matrix (cBioPortal `data_mrna_seq_v2_rsem.txt`, UCSC Xena) transposed to
+    samples x genes, or None when `frame` (read with its first column as data) is samples x genes."""
+    import pandas as pd
+
+    lowered = [str(c).strip().lower() for c in frame.columns]
+    gene_cols = [c for c, low in zip(frame.columns, lowered) if low in MATRIX_GENE_COLUMNS]
+    if not gene_cols:
+        others = [str(c) for c in frame.columns[1:]]
+        barcodes = sum(bool(_SAMPLE_BARCODE.match(c)) for c in others)
+        if lowered[0] in MATRIX_GENE_FIRST_COLUMNS or (others and barcodes > len(others) / 2):
+            gene_cols = [frame.columns[0]]
+        else:
+            return None
+    samples = [c for c in frame.columns if c not in gene_cols]
+    if not samples:
+        raise ValueError(f"RNA expression matrix {path!r} has gene columns {gene_cols} but no sample column.")
+    values = frame[samples].apply(pd.to_numeric, errors="coerce")
+    # cBioPortal writes the Entrez id as a number: "1.0" must stay "1"
+    keys = [frame[c].astype(str).str.strip().str.replace(r"\.0$", "", regex=True).replace("nan", "")
+            for c in gene_cols]
+    names = [str(c).lower() for c in gene_cols]
+    values.index = pd.MultiIndex.from_arrays(keys, names=names) if len(keys) > 1 else pd.Index(keys[0], name=names[0])
+    out = values.T
+    out.index = [str(s).strip() for s in out.index]
+    out.attrs["genes_by_samples"] = True
+    return out
+
+
 def read_expression_matrix(path: str | os.PathLike) -> "pd.DataFrame":
-    """Read (cached) an expression matrix: rows are samples (first column = row id), columns genes.
-    CSV, TSV or Parquet (a Parquet file's index, or its first column, holds the row ids)."""
+    """Read (cached) an expression matrix as samples x genes.
+
+    * samples x genes: CSV, TSV or Parquet, the first column (or a Parquet index) holds the row ids;
+    * gene x sample: cBioPortal (`Hugo_Symbol` and/or `Entrez_Gene_Id` columns, then one column per
+      sample, `#` comment lines allowed) or UCSC Xena (first column `sample`, `gene`, `Ensembl_ID`...,
+      or sample columns named by TCGA barcodes); it is transposed, the gene columns becoming the
+      (MultiIndex) gene keys. Note that Xena matrices hold log2(x+1) values.
+    """
     import pandas as pd
 
     path = os.fspath(path)
@@ -179,10 +370,18 @@ def read_expression_matrix(path: str | os.PathLike) -> "pd.DataFrame":
         if isinstance(frame.index, pd.RangeIndex):
             frame = frame.set_index(frame.columns[0])
     else:
-        sep = "\t" if lower.endswith((".tsv", ".txt", ".tab", ".tsv.gz", ".txt.gz")) else ","
-        frame = pd.read_csv(path, sep=sep, index_col=0)
+        comments, sep = _sniff_text_table(path)
+        raw = pd.read_csv(path, sep=sep, skiprows=comments, dtype=str, keep_default_na=False)
+        raw.columns = [str(c).strip() for c in raw.columns]
+        if raw.shape[1] < 2:
+            raise ValueError(f"RNA expression matrix {path!r} needs a row-id column and at least one more; "
+                             f"found columns {list(raw.columns)}.")
+        frame = _genes_by_samples(raw, path)
+        if frame is None:
+            frame = raw.set_index(raw.columns[0]).apply(pd.to_numeric, errors="coerce")
     frame.index = frame.index.astype(str)
-    frame.columns = [str(c).strip() for c in frame.columns]
+    if not isinstance(frame.columns, pd.MultiIndex):
+        frame.columns = [str(c).strip() for c in frame.columns]
     _MATRIX_CACHE[key] = frame
     while len(_MATRIX_CACHE) > _MATRIX_CACHE_SIZE:
         _MATRIX_CACHE.popitem(last=False)
@@ -190,7 +389,8 @@ def read_expression_matrix(path: str | os.PathLike) -> "pd.DataFrame":
 
 
 def read_expression_row(path: str | os.PathLike, row_id: str, case_id: str | None = None) -> "pd.Series":
-    """One sample of an expression matrix as a Series (index gene)."""
+    """One sample of an expression matrix as a Series (index gene). In a gene x sample matrix a
+    missing value (cBioPortal's `NA`) means the gene was not measured: it is left out."""
     import pandas as pd
 
     frame = read_expression_matrix(path)
@@ -203,8 +403,29 @@ def read_expression_row(path: str | os.PathLike, row_id: str, case_id: str | Non
                          f"{_where(case_id, os.fspath(path))}.")
     values = pd.to_numeric(row, errors="coerce")
     series = pd.Series(values.to_numpy(dtype=np.float64), index=row.index)
+    if frame.attrs.get("genes_by_samples"):
+        series = series[series.notna()]
     series.attrs["source"] = f"{os.fspath(path)}[{row_id}]"
     return series
+
+
+def vocabulary_matches(expression, gene_vocab) -> int:
+    """How many genes of `gene_vocab` a profile (Series, possibly on a MultiIndex of identifiers)
+    names, matched the way `GeneExpressionProcessor.align` matches them (best identifier level,
+    versioned Ensembl ids without their version)."""
+    import pandas as pd
+
+    vocab = gene_vocab if isinstance(gene_vocab, (set, frozenset, dict)) else set(map(str, gene_vocab))
+    index = expression.index if isinstance(expression, pd.Series) else pd.Index(list(expression))
+    levels = ([index.get_level_values(i) for i in range(index.nlevels)] if isinstance(index, pd.MultiIndex)
+              else [index])
+    best = 0
+    for level in levels:
+        keys = {str(g) for g in level}
+        hits = keys & vocab
+        hits |= {strip_ensembl_version(g) for g in keys - hits if g.startswith("ENS") and "." in g} & vocab
+        best = max(best, len(hits))
+    return best
 
 
 class GeneExpressionProcessor:
@@ -280,9 +501,16 @@ class GeneExpressionProcessor:
                 gene_col = _pick_column(expression.columns, GENE_COLUMN_NAMES, "gene", source, case_id)
                 value_col = _pick_column(expression.columns, VALUE_COLUMN_NAMES, "value", source, case_id)
                 expression = pd.Series(expression[value_col].to_numpy(), index=expression[gene_col].astype(str))
+        levels = None
         if pd is not None and isinstance(expression, pd.Series):
             source = expression.attrs.get("source")
-            genes = [str(g) for g in expression.index]
+            if isinstance(expression.index, pd.MultiIndex):
+                # several identifiers per gene (Ensembl id + symbol, symbol + Entrez id)
+                levels = [[str(g) for g in expression.index.get_level_values(i)]
+                          for i in range(expression.index.nlevels)]
+                genes = levels[0]
+            else:
+                genes = [str(g) for g in expression.index]
             raw = expression.to_numpy()
         elif isinstance(expression, Mapping):
             genes = [str(g) for g in expression.keys()]
@@ -296,11 +524,31 @@ class GeneExpressionProcessor:
             values = np.asarray(raw, dtype=np.float64)
         except (TypeError, ValueError) as e:
             raise ValueError(f"RNA expression has non-numeric values{_where(case_id, source)}: {e}") from None
-        return genes, values, source
+        return (genes if levels is None else levels), values, source
+
+    def _lookup(self, genes: Sequence[str]) -> np.ndarray:
+        """Vocabulary index of each gene (-1 = not in it); a versioned Ensembl id (`ENSG...3.15`) not
+        found as is is looked up without its version."""
+        index = np.fromiter((self.gene_to_index.get(g, -1) for g in genes), dtype=np.int64, count=len(genes))
+        for i in np.flatnonzero(index < 0):
+            g = genes[i]
+            if g.startswith("ENS") and "." in g:
+                index[i] = self.gene_to_index.get(strip_ensembl_version(g), -1)
+        return index
+
+    def _resolve(self, keys) -> tuple[list[str], np.ndarray, bool]:
+        """(gene names used, vocabulary indices, several rows may share one vocabulary gene). With
+        several identifiers per row, the one naming the most vocabulary genes is used."""
+        if keys and isinstance(keys[0], list):
+            best = max(((level, self._lookup(level)) for level in keys),
+                       key=lambda li: len(np.unique(li[1][li[1] >= 0])))
+            return best[0], best[1], True
+        return keys, self._lookup(keys), False
 
     def align(self, expression, case_id: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Return (log1p values float32 [G], mask bool [G]) aligned to the vocabulary."""
-        genes, values, source = self._as_gene_values(expression, case_id)
+        keys, values, source = self._as_gene_values(expression, case_id)
+        genes, index, summed = self._resolve(keys)
         if values.size == 0:
             raise ValueError(f"RNA expression profile is empty{_where(case_id, source)}.")
         bad = ~np.isfinite(values)
@@ -316,7 +564,6 @@ class GeneExpressionProcessor:
                 f"(RSEM-like values must be >= 0; pass log1p=False only for log1p values, which are also >= 0)"
                 f"{_where(case_id, source)}."
             )
-        index = np.fromiter((self.gene_to_index.get(g, -1) for g in genes), dtype=np.int64, count=len(genes))
         known = index >= 0
         if not known.any():
             raise ValueError(
@@ -325,6 +572,13 @@ class GeneExpressionProcessor:
                 f"{_where(case_id, source)}."
             )
         index, kept = index[known], values[known]
+        if summed and len(np.unique(index)) != len(index):
+            # one symbol for several Ensembl ids / Entrez ids (GENCODE's PAR_Y copies, RSEM's two
+            # SLC35E2): the symbol's expression is their sum
+            uniq, inverse = np.unique(index, return_inverse=True)
+            total = np.zeros(len(uniq), dtype=np.float64)
+            np.add.at(total, inverse, kept)
+            index, kept = uniq, total
         if len(np.unique(index)) != len(index):
             uniq, counts = np.unique(index, return_counts=True)
             dup = [self.gene_vocab[i] for i in uniq[counts > 1]]
@@ -392,10 +646,13 @@ class GeneExpressionProcessor:
 
 __all__ = [
     "DEFAULT_BIN_EDGES",
+    "DEFAULT_STAR_VALUE_COLUMN",
     "GeneExpressionProcessor",
     "read_expression_file",
     "read_expression_matrix",
     "read_expression_row",
     "read_gene_vocab",
+    "strip_ensembl_version",
     "validate_bin_edges",
+    "vocabulary_matches",
 ]

@@ -2,8 +2,10 @@
 
 K cancer types x M cases. Every case gets
 
-* a real pyramidal TIFF slide (`mstar_hf.wsi.synthetic`) whose tissue colours, texture and nuclear
-  density/size depend on its type, with per-case jitter;
+* a real pyramidal TIFF slide painted by `synthetic_tissue`: its stain is drawn from one pool shared
+  by every type (the nuisance), its type shows only in the mix and arrangement of tissue patterns all
+  types share and in nuclear size/shape, so a patch carries weak evidence and a slide strong evidence
+  (`painter="type_colour"`: the earlier per-type colours, which give the type away);
 * a pathology-style report whose diagnosis and findings depend on its type (several styles, varied
   wording, vocabulary shared across types; a few cases have none);
 * an RNA-Seq profile (CSV gene,value, RSEM-like) with a type-specific block of up-regulated marker
@@ -60,6 +62,7 @@ _APPEARANCE = [
 _MEDIAN_SURVIVAL = [48.0, 30.0, 84.0, 66.0, 24.0, 20.0, 110.0, 40.0, 60.0, 14.0]
 SPIKE_IN_GENES = ["ERCC-00002", "ERCC-00003", "ERCC-00004"]
 DEFAULT_SLIDE_SIZE = (2048, 2048)
+PAINTERS = ("stain_pool", "type_colour")
 # Streams: each modality of a case draws from its own generator, so they share only the type.
 _SLIDE, _REPORT, _RNA, _SURVIVAL = 1, 2, 3, 4
 
@@ -88,13 +91,19 @@ def slide_paint_params(type_index: int, rng: np.random.Generator) -> dict:
     )
 
 
-def _write_slide(job: tuple) -> str:
-    path, height, width, seed, mpp, params = job
+def _write_slide(job: tuple) -> dict:
+    path, height, width, seed, mpp, painter, params = job
     from mstar_hf.wsi.synthetic import make_tissue_image, write_pyramidal_tiff
 
-    image = make_tissue_image(height, width, seed=seed, **params)
+    record = {}
+    if painter == "stain_pool":
+        from .synthetic_tissue import paint_tissue
+
+        image, record = paint_tissue(height, width, params["type_index"], np.random.default_rng(seed))
+    else:
+        image = make_tissue_image(height, width, seed=seed, **params)
     write_pyramidal_tiff(path, image, mpp=mpp)
-    return path
+    return record
 
 
 def _gene_program(num_genes: int, num_types: int, rng: np.random.Generator):
@@ -155,6 +164,7 @@ def make_synthetic_cohort(
     test_frac: float = 0.15,
     num_workers: int | None = None,
     quiet: bool = True,
+    painter: str = "stain_pool",
 ) -> str:
     """Write a synthetic multimodal cohort to `out_dir` and return the manifest path.
 
@@ -172,6 +182,11 @@ def make_synthetic_cohort(
         val_frac / test_frac: stratified split sizes (at least one case per type when a type has >= 3).
         num_workers: threads painting slides (default: up to 2).
         quiet: no progress output.
+        painter: "stain_pool" (default; `synthetic_tissue`): stain drawn per slide from one pool shared
+            by all types, types differ in the mix and arrangement of shared tissue patterns and slightly
+            in nuclear morphology, so the type must be learned. "type_colour": the earlier painter whose
+            per-type base colours give the type away (mean RGB classifies slides); kept for tests that
+            need a cohort any encoder separates.
     """
     import pandas as pd
 
@@ -187,6 +202,8 @@ def make_synthetic_cohort(
                        ("partial_gene_frac", partial_gene_frac), ("val_frac", val_frac), ("test_frac", test_frac)):
         if not 0 <= frac <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {frac}.")
+    if painter not in PAINTERS:
+        raise ValueError(f"painter must be one of {PAINTERS}, got {painter!r}.")
     if missing_report_frac + missing_rna_frac > 1:
         raise ValueError("missing_report_frac + missing_rna_frac must be <= 1 (the sets are disjoint).")
 
@@ -212,14 +229,16 @@ def make_synthetic_cohort(
     jobs = []
     for i, k in enumerate(type_of_case):
         rng = _stream(seed, i, _SLIDE)
-        params = slide_paint_params(k, rng)
+        params = slide_paint_params(k, rng) if painter == "type_colour" else {"type_index": k}
         jobs.append((os.path.join(out_dir, "slides", f"{slide_ids[i]}.tiff"), height, width,
-                     int(rng.integers(2**31)), mpp, params))
+                     int(rng.integers(2**31)), mpp, painter, params))
     # Threads, not processes: OpenCV, numpy and the TIFF encoder release the GIL for the bulk of
     # the work, and worker processes would each pay the package import (torch) and fork risks.
     workers = num_workers if num_workers is not None else min(2, os.cpu_count() or 1)
+    paint_records = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for done, _ in enumerate(pool.map(_write_slide, jobs), 1):
+        for done, record in enumerate(pool.map(_write_slide, jobs), 1):
+            paint_records.append(record)
             if not quiet and (done % 10 == 0 or done == len(jobs)):
                 print(f"slides: {done}/{len(jobs)}", flush=True)
 
@@ -265,6 +284,7 @@ def make_synthetic_cohort(
         "slide_size": [height, width],
         "mpp": mpp,
         "num_genes": num_genes,
+        "painter": painter,
         "cancer_types": sorted(keys),
         "class_prompts": class_prompts(keys),
         "marker_genes": {keys[k]: [genes[g] for g in markers[k]] for k in range(num_types)},
@@ -277,6 +297,13 @@ def make_synthetic_cohort(
         "extract_command": f"mstar-hf extract --slides {os.path.join(out_dir, 'slides')} "
                            f"--out {os.path.join(out_dir, 'features')}",
     }
+    if painter == "stain_pool":
+        # what each slide was painted with (stain, pattern shares): the latent truth, for analysis only
+        from .synthetic_tissue import type_morphology
+
+        meta["type_morphology"] = {keys[k]: {n: np.round(v, 3).tolist() if isinstance(v, np.ndarray) else v
+                                             for n, v in type_morphology(k).items()} for k in range(num_types)}
+        meta["slides"] = {slide_ids[i]: rec for i, rec in enumerate(paint_records)}
     with open(os.path.join(out_dir, "cohort.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
     if not quiet:
@@ -285,4 +312,4 @@ def make_synthetic_cohort(
     return manifest
 
 
-__all__ = ["DEFAULT_SLIDE_SIZE", "SPIKE_IN_GENES", "make_synthetic_cohort", "slide_paint_params"]
+__all__ = ["DEFAULT_SLIDE_SIZE", "PAINTERS", "SPIKE_IN_GENES", "make_synthetic_cohort", "slide_paint_params"]

@@ -1,5 +1,11 @@
 """Bootstrap confidence intervals and paired bootstrap tests over cases.
 
+The unit resampled is the case (patient). Arrays with one row per case (case-level scores, the
+default of `evaluation.report`) are resampled row by row. Arrays with one row per slide take
+`groups` (the case id of each row): a resample then draws cases with replacement and takes all
+their slides (a cluster bootstrap), so a patient with three slides never counts as three independent
+draws, which would make intervals too narrow and paired p-values too small.
+
 `metric_fn(*arrays)` returns a dict of named metrics (or one float, named "value"); each array is
 resampled along its first axis with the same indices. Resamples where a metric is undefined (NaN, e.g.
 a resample with a single class) are left out of that metric's distribution; how many were kept is
@@ -26,15 +32,32 @@ def _as_dict(value) -> dict[str, float]:
     return {"value": float(value)}
 
 
-def _resamples(n: int, num_samples: int, seed: int):
+def _members(groups, n: int) -> list[np.ndarray] | None:
+    """Rows of each case (None: every row is its own case)."""
+    if groups is None:
+        return None
+    groups = np.asarray(groups)
+    if len(groups) != n:
+        raise ValueError(f"groups must give the case of each of the {n} rows, got {len(groups)}.")
+    _, inverse = np.unique(groups, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(inverse))[:-1])
+
+
+def _resamples(n: int, num_samples: int, seed: int, members=None):
+    """Row indices of `num_samples` resamples: n rows with replacement, or with `members` (rows per case)
+    as many cases with replacement, each bringing all its rows."""
     rng = np.random.default_rng(seed)
     for _ in range(num_samples):
-        yield rng.integers(0, n, size=n)
+        if members is None:
+            yield rng.integers(0, n, size=n)
+        else:
+            yield np.concatenate([members[g] for g in rng.integers(0, len(members), size=len(members))])
 
 
-def _batched(batched_fn, arrays, n, num_samples, seed, chunk=256) -> dict[str, np.ndarray]:
+def _batched(batched_fn, arrays, n, num_samples, seed, members=None, chunk=256) -> dict[str, np.ndarray]:
     out: dict[str, list] = {}
-    indices = list(_resamples(n, num_samples, seed))
+    indices = list(_resamples(n, num_samples, seed, members))
     for start in range(0, num_samples, chunk):
         weights = np.stack([np.bincount(i, minlength=n) for i in indices[start:start + chunk]])
         for k, v in batched_fn(*arrays, weights).items():
@@ -42,14 +65,15 @@ def _batched(batched_fn, arrays, n, num_samples, seed, chunk=256) -> dict[str, n
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def _check(arrays, who):
+def _check(arrays, who, groups=None):
     if not arrays:
         raise ValueError(f"{who}: give at least one array.")
     n = len(arrays[0])
     if any(len(a) != n for a in arrays):
         raise ValueError(f"{who}: arrays must have the same length, got {[len(a) for a in arrays]}.")
-    if n < 2:
-        raise ValueError(f"{who}: need at least 2 cases to bootstrap, got {n}.")
+    num_cases = n if groups is None else len(set(np.asarray(groups).tolist()))
+    if num_cases < 2:
+        raise ValueError(f"{who}: need at least 2 cases to bootstrap, got {num_cases}.")
     return n
 
 
@@ -60,18 +84,20 @@ def bootstrap_ci(
     confidence: float = 0.95,
     seed: int = 0,
     batched_fn: Callable | None = None,
+    groups=None,
 ) -> dict[str, dict]:
-    """`{metric: {"value", "ci_low", "ci_high", "num_valid"}}`: the metric on all cases and the percentile
-    interval of `num_samples` case resamples."""
+    """`{metric: {"value", "ci_low", "ci_high", "num_valid"}}`: the metric on all rows and the percentile
+    interval of `num_samples` case resamples (`groups`: the case of each row when rows are slides)."""
     arrays = [np.asarray(a) for a in arrays]
-    n = _check(arrays, "bootstrap_ci")
+    n = _check(arrays, "bootstrap_ci", groups)
+    members = _members(groups, n)
     point = _as_dict(metric_fn(*arrays))
     if batched_fn is not None:
-        values = _batched(batched_fn, arrays, n, num_samples, seed)
+        values = _batched(batched_fn, arrays, n, num_samples, seed, members)
         samples = {k: values[k][np.isfinite(values[k])].tolist() for k in point}
     else:
         samples = {k: [] for k in point}
-        for idx in _resamples(n, num_samples, seed):
+        for idx in _resamples(n, num_samples, seed, members):
             for k, v in _as_dict(metric_fn(*(a[idx] for a in arrays))).items():
                 if k in samples and math.isfinite(v):
                     samples[k].append(v)
@@ -93,8 +119,10 @@ def paired_bootstrap(
     confidence: float = 0.95,
     seed: int = 0,
     batched_fn: Callable | None = None,
+    groups=None,
 ) -> dict[str, dict]:
-    """Paired bootstrap comparison of two predictions on the same cases.
+    """Paired bootstrap comparison of two predictions on the same cases (`groups`: the case of each row
+    when rows are slides; resamples then draw cases).
 
     `metric_fn(*shared, pred)` scores one prediction (`shared` holds the truth, e.g. `(labels,)` or
     `(times, events)`). Every resample draws the same cases for both predictions. Returns
@@ -104,15 +132,16 @@ def paired_bootstrap(
     """
     shared = [np.asarray(a) for a in shared]
     pred_a, pred_b = np.asarray(pred_a), np.asarray(pred_b)
-    n = _check([*shared, pred_a, pred_b], "paired_bootstrap")
+    n = _check([*shared, pred_a, pred_b], "paired_bootstrap", groups)
+    members = _members(groups, n)
     a0, b0 = _as_dict(metric_fn(*shared, pred_a)), _as_dict(metric_fn(*shared, pred_b))
     if batched_fn is not None:
-        a = _batched(batched_fn, [*shared, pred_a], n, num_samples, seed)
-        b = _batched(batched_fn, [*shared, pred_b], n, num_samples, seed)
+        a = _batched(batched_fn, [*shared, pred_a], n, num_samples, seed, members)
+        b = _batched(batched_fn, [*shared, pred_b], n, num_samples, seed, members)
         deltas = {k: (b[k] - a[k])[np.isfinite(b[k] - a[k])].tolist() for k in a0}
     else:
         deltas = {k: [] for k in a0}
-        for idx in _resamples(n, num_samples, seed):
+        for idx in _resamples(n, num_samples, seed, members):
             truth = [s[idx] for s in shared]
             a, b = _as_dict(metric_fn(*truth, pred_a[idx])), _as_dict(metric_fn(*truth, pred_b[idx]))
             for k in deltas:

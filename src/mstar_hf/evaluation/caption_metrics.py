@@ -1,6 +1,7 @@
 """Report-generation metrics computed the way the COCO caption evaluation (pycocoevalcap) computes them:
-BLEU-1..4, METEOR and ROUGE-L, from maintained packages (`nltk`, `rouge-score`), with nothing that
-downloads data or runs Java.
+BLEU-1..4 and ROUGE-L, from maintained packages (`nltk`, `rouge-score`), with nothing that downloads data
+or runs Java, plus an offline METEOR approximation reported under its own name, "METEOR-exact+stem"
+(not METEOR: see below). The tests pin BLEU-1..4 and ROUGE-L to pycocoevalcap's own scorers.
 
 What is reproduced exactly, and what is not:
 
@@ -16,9 +17,9 @@ What is reproduced exactly, and what is not:
   1e-9 guards (so a corpus with no 4-gram match gets a tiny non-zero BLEU-4, as in COCO).
 - ROUGE-L: exactly COCO's `Rouge`: per report, LCS precision and recall (`rouge-score`'s LCS on the
   COCO tokens), the maximum of each over the references, F with beta = 1.2, averaged over reports.
-- METEOR: COCO runs Meteor 1.5 (Java, `-l en -norm`), whose English synonym (WordNet) and paraphrase
-  tables ship inside its jar. WordNet for `nltk` is a separate download, and the PyPI packages checked
-  do not ship it either (`wn` 1.1.1 is a 95 kB wheel that downloads its data at run time), so here the
+- METEOR-exact+stem (not METEOR): COCO runs Meteor 1.5 (Java, `-l en -norm`), whose English synonym
+  (WordNet) and paraphrase tables ship inside its jar. WordNet for `nltk` is a separate download, and the
+  PyPI packages checked do not ship it either (`wn` 1.1.1 is a 95 kB wheel that downloads its data at run time), so here the
   alignment uses the exact and Porter-stem modules only, through
   `nltk.translate.meteor_score.align_words` with an empty synonym lexicon. Scoring follows Meteor 1.5
   with its English ranking parameters (alpha 0.85, beta 0.20, gamma 0.60, stem matches weighted 0.60),
@@ -29,7 +30,8 @@ What is reproduced exactly, and what is not:
   Differences from Java METEOR: no synonym or paraphrase matches, no function-word weighting (delta;
   every word counts as a content word), and nltk's greedy aligner instead of Meteor's search for the
   alignment with the fewest chunks (repeated words can add chunks). The values are therefore close to,
-  but not the same as, published COCO METEOR numbers; they are consistent within this project.
+  but not the same as, published COCO METEOR numbers, hence the name "METEOR-exact+stem" wherever it is
+  reported; they are consistent within this project.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ _BLEU_TINY, _BLEU_SMALL = 1e-15, 1e-9
 ROUGE_L_BETA = 1.2
 # Meteor 1.5, English, task "rank" (the defaults COCO runs): Denkowski & Lavie 2014.
 METEOR_PARAMETERS = {"alpha": 0.85, "beta": 0.20, "gamma": 0.60, "stem_weight": 0.60}
-METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L")
+# the METEOR approximation is named for what it is: exact + stem matches, no synonyms or paraphrases
+METEOR_NAME = "METEOR-exact+stem"
+METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", METEOR_NAME, "ROUGE-L")
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -178,8 +182,10 @@ def _meteor_score(stats: dict) -> float:
     return fmean * (1 - p["gamma"] * frag ** p["beta"])
 
 
-def meteor(hypotheses: Sequence[list[str]], references: Sequence[Sequence[list[str]]]) -> tuple[float, list[float]]:
-    """METEOR (see the module docstring) on tokenised text. Returns (corpus score from pooled statistics,
+def meteor_exact_stem(hypotheses: Sequence[list[str]], references: Sequence[Sequence[list[str]]]
+                      ) -> tuple[float, list[float]]:
+    """METEOR-exact+stem (Meteor 1.5 scoring with exact and stem matches only, see the module docstring)
+    on tokenised text. Returns (corpus score from pooled statistics,
     per-sample scores, each against its best reference)."""
     from nltk.stem.porter import PorterStemmer
 
@@ -198,7 +204,7 @@ def compute_caption_metrics(
     references: Sequence[str] | Sequence[Sequence[str]],
     return_per_sample: bool = False,
 ) -> dict:
-    """BLEU-1..4, METEOR and ROUGE-L of generated reports against references, COCO style.
+    """BLEU-1..4, METEOR-exact+stem and ROUGE-L of generated reports against references, COCO style.
 
     Args:
         predictions: one generated text per sample.
@@ -206,25 +212,25 @@ def compute_caption_metrics(
         return_per_sample: also return `"per_sample"`: a list of {metric: value} per sample.
 
     Returns:
-        `{"BLEU-1": ..., "BLEU-2": ..., "BLEU-3": ..., "BLEU-4": ..., "METEOR": ..., "ROUGE-L": ...}`
+        `{"BLEU-1": ..., "BLEU-2": ..., "BLEU-3": ..., "BLEU-4": ..., "METEOR-exact+stem": ..., "ROUGE-L": ...}`
         (corpus-level values in [0, 1], as COCO reports them).
     """
     predictions, refs = _check(predictions, references)
     hyp_tokens = [coco_tokenize(p) for p in predictions]
     ref_tokens = [[coco_tokenize(r) for r in rs] for rs in refs]
     bleu_corpus, bleu_samples = bleu(hyp_tokens, ref_tokens)
-    meteor_corpus, meteor_samples = meteor(hyp_tokens, ref_tokens)
+    meteor_corpus, meteor_samples = meteor_exact_stem(hyp_tokens, ref_tokens)
     rouge_corpus, rouge_samples = rouge_l(hyp_tokens, ref_tokens)
     results = {f"BLEU-{n + 1}": float(bleu_corpus[n]) for n in range(4)}
-    results["METEOR"] = float(meteor_corpus)
+    results[METEOR_NAME] = float(meteor_corpus)
     results["ROUGE-L"] = float(rouge_corpus)
     if return_per_sample:
         results["per_sample"] = [
-            {**{f"BLEU-{n + 1}": float(b[n]) for n in range(4)}, "METEOR": float(m), "ROUGE-L": float(r)}
+            {**{f"BLEU-{n + 1}": float(b[n]) for n in range(4)}, METEOR_NAME: float(m), "ROUGE-L": float(r)}
             for b, m, r in zip(bleu_samples, meteor_samples, rouge_samples)
         ]
     return results
 
 
-__all__ = ["COCO_PUNCTUATION", "METEOR_PARAMETERS", "METRIC_NAMES", "ROUGE_L_BETA", "bleu", "coco_tokenize",
-           "compute_caption_metrics", "meteor", "rouge_l"]
+__all__ = ["COCO_PUNCTUATION", "METEOR_NAME", "METEOR_PARAMETERS", "METRIC_NAMES", "ROUGE_L_BETA", "bleu",
+           "coco_tokenize", "compute_caption_metrics", "meteor_exact_stem", "rouge_l"]

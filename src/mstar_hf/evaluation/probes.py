@@ -41,12 +41,12 @@ def slide_embeddings(data: TaskData, store, aggregator=None, progress: bool = Fa
 def linear_probe(data: TaskData, folds: list[Fold], embeddings: np.ndarray, C: float = 1.0, max_iter: int = 2000,
                  seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict, list[dict]]:
     """Logistic regression on standardised slide embeddings, fitted on each fold's train + val slides and
-    scored on its test slides. Returns (rows, fold per row, {"probs": [n, C]}, per-fold records)."""
+    scored on its test slides (per-fold metrics per case). Returns (rows, fold per row, {"probs": [n, C]}, per-fold records)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from .classification import classification_metrics
+    from .report import score_cases
 
     if data.task != "classification":
         raise ValueError("the linear probe is a classification task; use --task survival for survival.")
@@ -61,7 +61,7 @@ def linear_probe(data: TaskData, folds: list[Fold], embeddings: np.ndarray, C: f
         rows.append(fold.test)
         fold_ids.append(np.full(len(fold.test), fold.index))
         probs.append(p)
-        records.append({**fold.summary(), "test_metrics": classification_metrics(data.labels[fold.test], p)})
+        records.append({**fold.summary(), "test_metrics": score_cases(data, fold.test, {"probs": p})})
     return np.concatenate(rows), np.concatenate(fold_ids), {"probs": np.concatenate(probs)}, records
 
 
@@ -111,17 +111,19 @@ def few_shot_predict(embeddings: np.ndarray, labels: np.ndarray, num_classes: in
 
 def few_shot(data: TaskData, embeddings: np.ndarray, shots: int, draws: int = 10, seed: int = 0, pool=None,
              queries=None) -> dict:
-    """Per draw: the metrics of nearest-prototype classification of the queries.
-    Returns {"draws": [{"metrics", "n_query"}], "per_draw": {metric: [draws]}}."""
-    from .classification import classification_metrics
+    """Per draw: the metrics of nearest-prototype classification of the queries, one score per query case
+    (the mean probabilities of its slides). Returns {"draws": [{"metrics", "n_query" (slides),
+    "n_query_cases"}], "per_draw": {metric: [draws]}}."""
+    from .report import score_cases
 
     if data.task != "classification":
         raise ValueError("few-shot is a classification task.")
     results = []
     for draw in few_shot_draws(data, shots, draws, seed=seed, pool=pool, queries=queries):
         probs = few_shot_predict(embeddings, data.labels, data.num_classes, draw["support"], draw["query"])
-        results.append({"metrics": classification_metrics(data.labels[draw["query"]], probs),
-                        "n_query": int(len(draw["query"]))})
+        results.append({"metrics": score_cases(data, draw["query"], {"probs": probs}),
+                        "n_query": int(len(draw["query"])),
+                        "n_query_cases": len({data.case_ids[i] for i in draw["query"]})})
     keys = results[0]["metrics"].keys()
     return {"draws": results, "per_draw": {k: np.array([r["metrics"][k] for r in results]) for k in keys}}
 

@@ -1,8 +1,11 @@
 """Train / validation / test folds for a downstream task: stratified group k-fold, or the manifest's splits.
 
-Folds never split a case: slides of one patient stay together (`StratifiedGroupKFold` on `case_id`).
-Stratification is on the class (classification) or the event indicator (survival). The validation
-set of each fold (early stopping) is carved out of its training part the same way.
+Folds never split a case: slides of one patient stay together (`StratifiedGroupKFold` on `case_id`), and
+every fold is checked at case level (`mstar_hf.data.cases`): a manifest split column that puts one case's
+slides on two sides is refused with the cases named (or, with `split_from_first_slide`, each case takes
+its first slide's split, with a warning). Stratification is on the class (classification) or the event
+indicator (survival). The validation set of each fold (early stopping) is carved out of its training
+part the same way.
 
 Documented handling of small data:
 - fewer than 2 folds, or more folds than cases: ValueError;
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..data.cases import check_case_disjoint, check_case_splits
 from .cohort import TaskData
 
 logger = logging.getLogger(__name__)
@@ -34,11 +38,15 @@ class Fold:
     test: np.ndarray
     absent_test_classes: list[str] = field(default_factory=list)
     absent_val_classes: list[str] = field(default_factory=list)
+    source: str = ""  # where the split comes from (the manifest's split column or k-fold)
+    n_cases: dict[str, int] = field(default_factory=dict)  # cases per part
 
     def summary(self) -> dict:
         return {"fold": self.index, "n_train": int(len(self.train)), "n_val": int(len(self.val)),
                 "n_test": int(len(self.test)), "absent_test_classes": self.absent_test_classes,
-                "absent_val_classes": self.absent_val_classes}
+                "absent_val_classes": self.absent_val_classes, "source": self.source,
+                "n_train_cases": self.n_cases.get("train", 0), "n_val_cases": self.n_cases.get("val", 0),
+                "n_test_cases": self.n_cases.get("test", 0)}
 
 
 def _group_kfold(strata: np.ndarray, groups: list[str], n_splits: int, seed: int):
@@ -81,7 +89,12 @@ def _class_names(data: TaskData, classes) -> list[str]:
     return [data.class_names[c] for c in sorted(classes)]
 
 
-def _check_fold(fold: Fold, data: TaskData) -> Fold:
+def _check_fold(fold: Fold, data: TaskData, source: str) -> Fold:
+    parts = {"train": fold.train, "val": fold.val, "test": fold.test}
+    # every path (manifest column, k-fold, validation carving) ends here: 0 cases on two sides
+    check_case_disjoint(data.case_ids, parts, source=f"{source}, fold {fold.index}")
+    fold.source = source
+    fold.n_cases = {k: len({data.case_ids[i] for i in v}) for k, v in parts.items()}
     if data.task != "classification":
         if not data.events[fold.train].any():
             raise ValueError(f"fold {fold.index}: no uncensored case in the training part; use fewer folds.")
@@ -109,12 +122,15 @@ def make_folds(
     seed: int = 0,
     val_fraction: float = 0.2,
     use_manifest_splits: bool | None = None,
+    split_from_first_slide: bool = False,
 ) -> list[Fold]:
     """The folds of a task.
 
     `use_manifest_splits`: True uses the manifest's `split` column (train / val / test; without val rows
     the validation set is carved out of train); False runs `folds`-fold cross-validation; None (default)
-    uses the manifest splits when every slide has one.
+    uses the manifest splits when every slide has one. The split column is checked at case level: a case
+    with slides on two sides is a ValueError naming the cases, unless `split_from_first_slide` (then each
+    such case takes its first slide's split, with a warning).
     """
     have_splits = all(s is not None for s in data.splits)
     if use_manifest_splits is None:
@@ -124,14 +140,16 @@ def make_folds(
             missing = [s for s, sp in zip(data.slide_ids, data.splits) if sp is None]
             raise ValueError(f"manifest {data.manifest!r}: slides {missing[:10]} have no split; fill the 'split' "
                              "column or use k-fold cross-validation (--folds).")
-        splits = np.asarray(data.splits, dtype=object)
+        source = f"manifest {data.manifest!r} (split column)"
+        splits = np.asarray(check_case_splits(data.case_ids, data.splits, source=source,
+                                              take_first=split_from_first_slide), dtype=object)
         train, val, test = (np.flatnonzero(splits == s) for s in ("train", "val", "test"))
         if not len(train) or not len(test):
             raise ValueError(f"manifest {data.manifest!r}: the split column needs train and test slides "
                              f"(found {len(train)} train, {len(val)} val, {len(test)} test).")
         if not len(val):
             train, val = _carve_val(train, data, val_fraction, seed)
-        return [_check_fold(Fold(0, train, val, test), data)]
+        return [_check_fold(Fold(0, train, val, test), data, source)]
 
     num_cases = len(set(data.case_ids))
     if folds < 2:
@@ -148,9 +166,11 @@ def make_folds(
         raise ValueError(f"cannot make {folds} stratified folds: every class has fewer than {folds} cases "
                          f"(counts {np.bincount(data.strata).tolist()}); use fewer folds.")
     out = []
+    source = f"{folds}-fold stratified group k-fold on case_id (seed {seed})"
     for k, (train, test) in enumerate(_group_kfold(data.strata, data.case_ids, folds, seed)):
         train, val = _carve_val(train, data, val_fraction, seed + 1 + k)
-        out.append(_check_fold(Fold(k, np.sort(train), np.sort(val), np.sort(test)), data))
+        out.append(_check_fold(Fold(k, np.sort(train), np.sort(val), np.sort(test)), data, source))
+    check_case_disjoint(data.case_ids, {f"test of fold {f.index}": f.test for f in out}, source=source)
     return out
 
 

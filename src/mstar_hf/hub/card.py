@@ -3,6 +3,12 @@
 The template is chosen from the folder's `config.json` `model_type`; the metadata (license, library,
 pipeline tag, tags, base model, datasets, model-index) is built as `huggingface_hub.ModelCardData`, and the
 model-index comes from the `eval_results.json` that training/evaluation scripts write next to the weights.
+
+`pipeline_tag` is set only where transformers' standard pipeline of that name runs the model (with or
+without this package): the patch encoder's `image-feature-extraction`. The slide-level models run only in
+the custom `wsi-*` pipelines, which travel with the model (`custom_pipelines`); those task names are tags,
+and the card's snippets use them. Every snippet runs as pasted, with `trust_remote_code=True` (the repo
+carries the code), so it needs no `mstar_hf` (tests/test_model_cards.py runs them both ways).
 """
 
 from __future__ import annotations
@@ -26,16 +32,25 @@ MSTAR_MODEL_TYPES = (
     "mstar_survival",
 )
 
-# model_type -> (template file, pipeline tag, default class name when config.json has no "architectures")
-_CARD_KINDS: dict[str, tuple[str, str | None, str]] = {
-    "mstar_patch": ("patch_encoder.md", "feature-extraction", "MStarPatchModel"),
-    "mstar_aggregator": ("slide_aggregator.md", "feature-extraction", "MStarSlideAggregator"),
-    "mstar": ("multimodal.md", "zero-shot-image-classification", "MStarModel"),
-    "mstar_report_generation": ("report_generator.md", "image-to-text", "MStarForReportGeneration"),
-    "mstar_gene": ("component.md", "feature-extraction", "MStarGeneEncoder"),
-    "mstar_slide_classification": ("component.md", "image-classification", "MStarForSlideClassification"),
-    "mstar_survival": ("component.md", None, "MStarForSurvivalPrediction"),
+# model_type -> (template file, pipeline tag, custom pipeline tasks, default class name when config.json has
+# no "architectures"). A pipeline tag only where the standard transformers pipeline works: the Hub's widget
+# and `pipeline(model=...)` without a task use it. `feature-extraction` needs a tokenizer,
+# `zero-shot-image-classification` an Auto class the model cannot have, `image-to-text` a `ProcessorMixin`
+# that turns images into the model's inputs: none of them can run a whole-slide model.
+_CARD_KINDS: dict[str, tuple[str, str | None, tuple[str, ...], str]] = {
+    "mstar_patch": ("patch_encoder.md", "image-feature-extraction", (), "MStarPatchModel"),
+    "mstar_aggregator": ("slide_aggregator.md", None, (), "MStarSlideAggregator"),
+    "mstar": ("multimodal.md", None, ("wsi-zero-shot", "wsi-feature-extraction"), "MStarModel"),
+    "mstar_report_generation": ("report_generator.md", None, ("wsi-report-generation",), "MStarForReportGeneration"),
+    "mstar_gene": ("component.md", None, (), "MStarGeneEncoder"),
+    "mstar_slide_classification": ("component.md", None, (), "MStarForSlideClassification"),
+    "mstar_survival": ("component.md", None, (), "MStarForSurvivalPrediction"),
 }
+
+# training_args.json keys naming the models a checkpoint was built from, most direct first: the model
+# trained further, the Stage 1 model (Stage 2, report generator), the patch encoder, the text encoder.
+_BASE_MODEL_KEYS = ("base_model", "model_name_or_path", "init_from", "stage1_model", "stage1_model_name_or_path",
+                    "aggregator_name_or_path", "patch_model_name_or_path", "patch_model", "text_model_name_or_path")
 
 _COMPONENTS = {
     "mstar_gene": (
@@ -123,12 +138,15 @@ def _slug(text: str) -> str:
     return slug or "unknown"
 
 
-def load_eval_results(path: str | os.PathLike):
+def load_eval_results(path: str | os.PathLike, default_split: str | None = None,
+                      hub_datasets: dict[str, str] | None = None):
     """Read an `eval_results.json` into a list of `huggingface_hub.EvalResult`.
 
     The file holds a list (or `{"results": [...]}`) of entries such as
     `{"task": "retrieval", "metric": "recall@1", "name": "slide->report R@1", "value": 0.8, "dataset": "TCGA"}`
     with optional `split`, `dataset_type` (a Hub dataset id), `dataset_config`, `task_type`, `metric_type`.
+    `default_split`: the split of entries that name none (the run's `eval_split`). `hub_datasets`: local
+    dataset name (e.g. the manifest's folder) -> the Hub dataset id it is, used as the entry's dataset.
     """
     from huggingface_hub import EvalResult
 
@@ -152,14 +170,15 @@ def load_eval_results(path: str | os.PathLike):
             raise ModelCardError(f"{where} has a non-numeric or non-finite value {value!r}")
         task_type, task_name = _TASKS.get(_norm(entry["task"]), (_norm(entry["task"]), str(entry["task"])))
         metric_type, metric_args, metric_display = _metric(entry["metric"])
+        hub_dataset = (hub_datasets or {}).get(str(entry["dataset"]))
         results.append(
             EvalResult(
                 task_type=entry.get("task_type") or task_type,
                 task_name=task_name,
-                dataset_type=entry.get("dataset_type") or _slug(entry["dataset"]),
-                dataset_name=str(entry["dataset"]),
+                dataset_type=entry.get("dataset_type") or hub_dataset or _slug(entry["dataset"]),
+                dataset_name=hub_dataset or str(entry["dataset"]),
                 dataset_config=entry.get("dataset_config"),
-                dataset_split=entry.get("split"),
+                dataset_split=entry.get("split") or default_split,
                 metric_type=entry.get("metric_type") or metric_type,
                 metric_value=float(value),
                 metric_name=str(entry.get("name") or metric_display),
@@ -260,7 +279,7 @@ def render_model_card(
 
     folder = Path(folder)
     model_type, config = read_model_type(folder)
-    template, pipeline_tag, default_class = _CARD_KINDS[model_type]
+    template, pipeline_tag, custom_tasks, default_class = _CARD_KINDS[model_type]
     repo_id = repo_id or folder.resolve().name
     model_name = repo_id.split("/")[-1]
 
@@ -274,21 +293,32 @@ def render_model_card(
         if not isinstance(training_args, dict):
             raise ModelCardError(f"{args_path} must hold a JSON object of argument names to values")
     if base_model is None:
-        candidates = [training_args.get(k) for k in ("base_model", "model_name_or_path", "init_from")]
-        base_model = next((c for c in candidates if _looks_like_hub_id(c)), None)
+        # every Hub model this one was built from (local folders of a training run are not valid metadata)
+        found = [training_args.get(k) for k in _BASE_MODEL_KEYS]
+        found = list(dict.fromkeys(c for c in found if _looks_like_hub_id(c)))
+        base_model = found[0] if len(found) == 1 else (found or None)
     if datasets is None:
         candidate = training_args.get("dataset_name") or training_args.get("datasets")
         datasets = candidate if _looks_like_hub_id(candidate) or (
             isinstance(candidate, list) and candidate and all(_looks_like_hub_id(c) for c in candidate)) else None
 
     results_path = folder / "eval_results.json"
-    eval_results = load_eval_results(results_path) if results_path.is_file() else None
+    eval_results = None
+    if results_path.is_file():
+        # The scripts name the evaluated data after the manifest's folder; when the card names exactly one Hub
+        # dataset and the run's manifest is that folder, the model-index points at the Hub dataset.
+        hub_ids = [datasets] if isinstance(datasets, str) else list(datasets or [])
+        manifest = training_args.get("manifest")
+        hub_datasets = ({Path(str(manifest)).parent.name: hub_ids[0]}
+                        if manifest and len(hub_ids) == 1 and _looks_like_hub_id(hub_ids[0]) else None)
+        eval_results = load_eval_results(results_path, default_split=training_args.get("eval_split") or None,
+                                         hub_datasets=hub_datasets)
 
     card_data = ModelCardData(
         license=license,
         library_name="transformers",
         pipeline_tag=pipeline_tag,
-        tags=BASE_TAGS + [t for t in (tags or []) if t not in BASE_TAGS],
+        tags=BASE_TAGS + list(custom_tasks) + [t for t in (tags or []) if t not in BASE_TAGS + list(custom_tasks)],
         base_model=base_model,
         datasets=datasets,
         model_name=model_name if eval_results else None,
@@ -301,6 +331,10 @@ def render_model_card(
     if patch_model is None:
         patch_model = repo_id if model_type in ("mstar", "mstar_patch") else "PATCH_ENCODER_REPO_OR_FOLDER"
     shared = {"model_type": model_type, "has_training_args": bool(training_args)}
+    auto_map = config.get("auto_map") or {}
+    # the Auto class the repo's `auto_map` serves (a head registered as a sequence classifier has no AutoModel)
+    auto_class = "AutoModel" if "AutoModel" in auto_map or not auto_map else next(
+        (k for k in auto_map if k.startswith("AutoModel")), "AutoModel")
     component_title, component_description = _COMPONENTS.get(model_type, ("", ""))
     return ModelCard.from_template(
         card_data,
@@ -310,10 +344,15 @@ def render_model_card(
         model_type=model_type,
         model_class=architectures[0] if architectures else default_class,
         license=license,
-        base_model=base_model,
+        base_model=", ".join(base_model) if isinstance(base_model, list) else base_model,
+        pipeline_tag=pipeline_tag,
+        custom_tasks=list(custom_tasks),
         patch_model=patch_model,
         component_title=component_title,
         component_description=component_description,
+        how_to_load=_render_partial("_how_to_load.md", custom_tasks=list(custom_tasks), **shared),
+        auto_class=auto_class,
+        carries_patch_model=config.get("patch_config") is not None,
         input_contract=_render_partial("_input_contract.md", **shared),
         training_summary=_render_partial("_training.md", **shared),
         intended_use=_render_partial("_intended_use.md", **shared),

@@ -169,9 +169,10 @@ def push_folder(
 
     The folder must hold `*.safetensors` weights and a `config.json` whose `model_type` is an mSTAR one;
     configs, processor files, custom pipeline / `auto_map` code and `training_args.json` /
-    `eval_results.json` go along. If the folder has no README.md, a model card is rendered with
-    `render_model_card(folder, repo_id, **card_kwargs)` and uploaded as README.md (the folder is not
-    modified). With `revision`, the branch is created from main if needed and the commit goes there.
+    `eval_results.json` go along; an `MStarModel` or report-generator folder also gets its pipelines'
+    code and `custom_pipelines` in config.json (`mstar_hf.pipelines.add_custom_pipelines`). If the folder has
+    no README.md, a model card is rendered with `render_model_card(folder, repo_id, **card_kwargs)` and
+    uploaded as README.md (the folder is not modified: both are added in the commit only). With `revision`, the branch is created from main if needed and the commit goes there.
 
     Raises:
         PushInputError: bad folder, repo id or missing token (before any network call).
@@ -223,7 +224,15 @@ def push_folder(
         raise failed("preparing the target branch", exc) from exc
 
     root = Path(folder)
-    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(root / rel)) for rel in files]
+    from ..pipelines.remote import custom_pipeline_files
+
+    # the pipelines' code and `custom_pipelines` in config.json, so the repo's pipelines load without mstar_hf
+    # (added to the commit, the folder is not modified)
+    pipeline_files = custom_pipeline_files(root)
+    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(root / rel)) for rel in files
+                  if rel not in pipeline_files]
+    operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content)
+                   for name, content in pipeline_files.items()]
     if render:
         card = render_model_card(folder, repo_id=full_id, **card_kwargs)
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_mstar import MStarConfig, MStarGeneConfig, MStarPatchConfig, MStarSlideAggregatorConfig
@@ -52,11 +53,85 @@ class MStarOutput(ModelOutput):
     rna_present: torch.BoolTensor | None = None
 
 
-def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP loss between matched rows of L2-normalised `a` and `b` [n, P]; returns (loss, logits)."""
+def symmetric_info_nce(
+    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, groups: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP loss between matched rows of L2-normalised `a` and `b` [n, P]; returns (loss, logits).
+
+    `groups` [n] (e.g. the case of each row): rows of one group are never each other's negatives (two
+    slides of one patient share its report and RNA), so those off-diagonal logits are masked out.
+    """
     logits = logit_scale * a @ b.T
     target = torch.arange(a.shape[0], device=a.device)
+    if groups is not None:
+        same = (groups[:, None] == groups[None, :]) & ~torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
+        logits = logits.masked_fill(same, float("-inf"))
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2, logits
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) outside torch.distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every process's gradient of the gathered tensor (an all_reduce, which
+    every backend has) and keeps this process's slice."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        import torch.distributed as dist
+
+        rank, world = _world()
+        ctx.rank, ctx.rows = rank, tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_batch(tensor: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
+    """Concatenates every process's `tensor` along dim 0 (rank order), so that a loss sees the global batch.
+
+    As open_clip's `gather_with_grad=True`: the gather is differentiable and its backward sums what every
+    process's (identical) loss sends to this process's rows; with DDP's gradient averaging the parameters
+    then get exactly the gradient of the global-batch loss. Batches of different sizes (a short last
+    batch) are padded for the collective and trimmed after. Outside torch.distributed: `tensor` itself.
+    """
+    import torch.distributed as dist
+
+    _, world = _world()
+    if world == 1:
+        return tensor
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    padded = tensor
+    if max(sizes) > tensor.shape[0]:
+        pad = tensor.new_zeros((max(sizes) - tensor.shape[0], *tensor.shape[1:]))
+        padded = torch.cat([tensor, pad])
+    is_bool = padded.dtype == torch.bool
+    if is_bool:  # collectives move numbers
+        padded = padded.to(torch.uint8)
+    if with_grad and padded.requires_grad:
+        parts = list(_AllGatherWithGrad.apply(padded).chunk(world))
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous())
+    out = torch.cat([part[:n] for part, n in zip(parts, sizes)])
+    return out.bool() if is_bool else out
 
 
 def batch_hard_triplet_loss(
@@ -109,6 +184,11 @@ class MStarPreTrainedModel(PreTrainedModel):
     base_model_prefix = "mstar"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MStarTransLayer", "MStarPerformerLayer"]
+    # `attn_implementation` ("sdpa" by default, "eager") reaches the sub-models that have a softmax-attention
+    # backend: the text encoder and the patch encoder (timm). The aggregator (Nystrom) and the gene encoder
+    # (FAVOR+) compute their own attention approximations and always run as they are ("eager").
+    _supports_sdpa = True
+    _fixed_attention_sub_configs = ("aggregator_config", "gene_config")
 
     def _init_weights(self, module):
         # sub-models dispatch to their own `_init_weights`; this covers the projections and the scale
@@ -136,11 +216,17 @@ class MStarModel(MStarPreTrainedModel):
         rna_bins, rna_mask (`[B, G]`): binned expression from the processor.
         slide_present, report_present, rna_present (`[B]` bool): defaults: all True when that input is given.
         cancer_type (`[B]` long): cancer-type index per case (-1 unknown), for the triplet loss.
+        case_index (`[B]` long): an id per patient case; rows of one case are never each other's InfoNCE
+            negatives (several slides of a patient share its report and RNA).
         return_loss (`bool`): compute the Stage 1 loss.
+        gather_across_processes (`bool`, default True): under torch.distributed the losses see the global
+            batch (embeddings gathered from every process with gradient); False: this process's batch only.
     """
 
     def __init__(self, config: MStarConfig):
         super().__init__(config)
+        for name in self._fixed_attention_sub_configs:
+            getattr(config, name)._attn_implementation = "eager"
         self.patch_model = MStarPatchModel(config.patch_config)
         if config.patch_config.hidden_size != config.aggregator_config.input_dim:
             raise ValueError(
@@ -203,66 +289,117 @@ class MStarModel(MStarPreTrainedModel):
                     raise ValueError(f"from_submodels: the {name} model lacks weights {incompatible.missing_keys}.")
         return model
 
+    def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False):
+        """As `PreTrainedModel.set_attn_implementation`; a single name applies to the text and patch encoders
+        (the aggregator and the gene encoder have no attention backend to choose)."""
+        if isinstance(attn_implementation, str):
+            attn_implementation = {"": attn_implementation, "text_config": attn_implementation,
+                                   "patch_config": attn_implementation,
+                                   **{name: "eager" for name in self._fixed_attention_sub_configs}}
+        return super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
+
     # ----- per-modality embeddings -----
+    # As `CLIPModel.get_text_features` / `get_image_features` in transformers 5: each returns a
+    # `BaseModelOutputWithPooling` whose `pooler_output` is the projected, unnormalised embedding
+    # `[B, projection_dim]` and whose `last_hidden_state` holds the sub-model's tokens (a tuple with
+    # `return_dict=False`). The earlier call form with `normalize=True|False` still returns the bare
+    # embedding tensor (L2-normalised when True), so existing callers keep working.
+    def _features_output(self, embeds, last_hidden_state=None, hidden_states=None, attentions=None,
+                         normalize: bool | None = None, return_dict: bool | None = None):
+        if normalize is not None:
+            return F.normalize(embeds, dim=-1) if normalize else embeds
+        output = BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=embeds,
+                                            hidden_states=hidden_states, attentions=attentions)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
     def get_slide_features(
-        self, patch_features: torch.Tensor, patch_attention_mask: torch.Tensor | None = None, normalize: bool = False
-    ) -> torch.Tensor:
-        """Slide embeddings in the shared space `[B, projection_dim]` from patch features `[B, N, D]`."""
-        embeds = self.slide_projection(self.aggregator(patch_features, patch_attention_mask).slide_embeds)
-        return F.normalize(embeds, dim=-1) if normalize else embeds
+        self,
+        patch_features: torch.Tensor,
+        patch_attention_mask: torch.Tensor | None = None,
+        normalize: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple | torch.Tensor:
+        """Slide embeddings from patch features `[B, N, D]` (cast to the model's dtype).
+
+        Returns `pooler_output` `[B, projection_dim]` (the projected aggregator class token) and
+        `last_hidden_state` `[B, N, hidden_size]` (the aggregator's context-aware patch tokens).
+        """
+        out = self.aggregator(patch_features.to(self.dtype), patch_attention_mask)
+        return self._features_output(self.slide_projection(out.slide_embeds), out.patch_embeds,
+                                     normalize=normalize, return_dict=return_dict)
 
     def get_text_features(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-        normalize: bool = False,
-    ) -> torch.Tensor:
-        """Report/prompt embeddings `[B, projection_dim]` from the last layer's [CLS] token."""
-        kwargs = {"attention_mask": attention_mask}
+        position_ids: torch.Tensor | None = None,
+        normalize: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple | torch.Tensor:
+        """Report/prompt embeddings from token ids `[B, T]`: `pooler_output` `[B, projection_dim]` is the
+        projected last-layer [CLS] token, `last_hidden_state` `[B, T, text hidden]` the text encoder's tokens
+        (`output_hidden_states` / `output_attentions` pass through to the text encoder)."""
+        text_kwargs = {"attention_mask": attention_mask, **kwargs}
         if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        hidden = self.text_model(input_ids=input_ids, **kwargs).last_hidden_state[:, 0]
-        embeds = self.text_projection(hidden)
-        return F.normalize(embeds, dim=-1) if normalize else embeds
+            text_kwargs["token_type_ids"] = token_type_ids
+        if position_ids is not None:
+            text_kwargs["position_ids"] = position_ids
+        out = self.text_model(input_ids=input_ids, return_dict=True, **text_kwargs)
+        embeds = self.text_projection(out.last_hidden_state[:, 0])
+        return self._features_output(embeds, out.last_hidden_state, out.hidden_states, out.attentions,
+                                     normalize=normalize, return_dict=return_dict)
 
     def get_rna_features(
-        self, rna_bins: torch.Tensor, rna_mask: torch.Tensor | None = None, normalize: bool = False
-    ) -> torch.Tensor:
-        """RNA-Seq embeddings `[B, projection_dim]` from binned expression `[B, G]`."""
-        embeds = self.rna_projection(self.rna_model(rna_bins, rna_mask).pooler_output)
-        return F.normalize(embeds, dim=-1) if normalize else embeds
+        self,
+        rna_bins: torch.Tensor,
+        rna_mask: torch.Tensor | None = None,
+        normalize: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple | torch.Tensor:
+        """RNA-Seq embeddings from binned expression `[B, G]`: `pooler_output` `[B, projection_dim]` (the
+        projected class token), `last_hidden_state` the gene encoder's tokens."""
+        out = self.rna_model(rna_bins, rna_mask, return_dict=True)
+        return self._features_output(self.rna_projection(out.pooler_output), out.last_hidden_state,
+                                     normalize=normalize, return_dict=return_dict)
 
     def get_patch_features(
         self,
         pixel_values: torch.Tensor | None = None,
         patch_features: torch.Tensor | None = None,
         space: str = "shared",
-        normalize: bool = False,
-    ) -> torch.Tensor:
-        """Per-patch embeddings from images `[B, 3, H, W]` or encoder features `[..., D]`.
+        normalize: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple | torch.Tensor:
+        """Per-patch embeddings (the `get_image_features` of this model) from images `[B, 3, H, W]` or
+        encoder features `[..., D]`; `pooler_output` `[..., width]`, and with images `last_hidden_state`
+        holds the patch encoder's tokens.
 
         `space="encoder"`: the patch encoder's class token (1024-d); `"aggregator"`: through
         `patch_projection` into the aggregator's token space (the Stage 2 student output); `"shared"`:
         further through `slide_projection` into the multimodal space (for zero-shot with text).
         """
+        if space not in ("encoder", "aggregator", "shared"):
+            raise ValueError(f"space must be 'encoder', 'aggregator' or 'shared', got {space!r}.")
+        tokens = None
         if patch_features is None:
             if pixel_values is None:
                 raise ValueError("get_patch_features needs pixel_values or patch_features.")
-            patch_features = self.patch_model(pixel_values).pooler_output
+            encoded = self.patch_model(pixel_values, return_dict=True)
+            patch_features, tokens = encoded.pooler_output, encoded.last_hidden_state
         if patch_features.shape[-1] != self.patch_projection.in_features:
             raise ValueError(
                 f"get_patch_features: wrong feature width: expected {self.patch_projection.in_features}, "
                 f"got {patch_features.shape[-1]}."
             )
-        if space not in ("encoder", "aggregator", "shared"):
-            raise ValueError(f"space must be 'encoder', 'aggregator' or 'shared', got {space!r}.")
-        embeds = patch_features
+        embeds = patch_features.to(self.dtype)
         if space != "encoder":
             embeds = self.patch_projection(embeds)
         if space == "shared":
             embeds = self.slide_projection(embeds)
-        return F.normalize(embeds, dim=-1) if normalize else embeds
+        return self._features_output(embeds, tokens, normalize=normalize, return_dict=return_dict)
 
     # ----- Stage 1 forward -----
     def forward(
@@ -278,7 +415,9 @@ class MStarModel(MStarPreTrainedModel):
         report_present: torch.Tensor | None = None,
         rna_present: torch.Tensor | None = None,
         cancer_type: torch.Tensor | None = None,
+        case_index: torch.Tensor | None = None,
         return_loss: bool | None = None,
+        gather_across_processes: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MStarOutput | tuple:
@@ -324,19 +463,36 @@ class MStarModel(MStarPreTrainedModel):
             embeds[name] = out
 
         scale = self.logit_scale.clamp(max=4.6052).exp()[0]  # CLIP's clamp at 100
-        logits, pair_losses = {}, {}
-        for a, b in PAIRS:
-            logits[f"{a}_{b}"] = scale * embeds[a] @ embeds[b].T
-            rows = (present[a] & present[b]).nonzero().flatten()
-            if len(rows) >= 2:  # a single pair has no negative: nothing to contrast
-                pair_losses[f"{a}_{b}"], _ = symmetric_info_nce(embeds[a][rows], embeds[b][rows], scale)
+        logits = {f"{a}_{b}": scale * embeds[a] @ embeds[b].T for a, b in PAIRS}
 
         loss = contrastive = triplet = None
+        pair_losses = {}
         if return_loss:
-            zero = sum(e.sum() for e in embeds.values()) * 0.0 + self.logit_scale * 0.0
+            # The losses see the global batch: under torch.distributed every process gathers the others'
+            # embeddings (with gradient), so the negatives and the mined triplets are those of one large
+            # batch, whatever the number of processes (`gather_across_processes=False`: this batch only).
+            gather = gather_across_processes if gather_across_processes is not None else True
+            # losses in fp32 whatever the model's precision (bf16 under DeepSpeed/AMP): the softmax over a
+            # large batch and the triplet distances are numerically delicate, and `cdist` has no bf16 CPU kernel
+            g_embeds, g_present = {k: v.float() for k, v in embeds.items()}, present
+            g_type = None if cancer_type is None else cancer_type.to(device)
+            g_case = None if case_index is None else case_index.to(device)
+            if gather and _world()[1] > 1:
+                g_embeds = {k: gather_batch(v) for k, v in g_embeds.items()}
+                g_present = {k: gather_batch(v, with_grad=False) for k, v in present.items()}
+                g_type = None if g_type is None else gather_batch(g_type, with_grad=False)
+                g_case = None if g_case is None else gather_batch(g_case, with_grad=False)
+            scale = scale.float()
+            for a, b in PAIRS:
+                rows = (g_present[a] & g_present[b]).nonzero().flatten()
+                if len(rows) >= 2:  # a single pair has no negative: nothing to contrast
+                    pair_losses[f"{a}_{b}"], _ = symmetric_info_nce(
+                        g_embeds[a][rows], g_embeds[b][rows], scale, None if g_case is None else g_case[rows]
+                    )
+            zero = sum(e.sum() for e in g_embeds.values()) * 0.0 + self.logit_scale.float() * 0.0
             contrastive = torch.stack(list(pair_losses.values())).mean() if pair_losses else zero
-            if cancer_type is not None:
-                triplet, _ = batch_hard_triplet_loss(embeds, present, cancer_type.to(device), self.config.triplet_margin)
+            if g_type is not None:
+                triplet, _ = batch_hard_triplet_loss(g_embeds, g_present, g_type, self.config.triplet_margin)
             else:
                 triplet = zero
             loss = self.config.contrastive_loss_weight * contrastive + self.config.triplet_loss_weight * triplet

@@ -58,7 +58,10 @@ class MStarPerformerAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, n, _ = hidden_states.shape
-        q, k, v = (t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2) for t in self.qkv(hidden_states).chunk(3, -1))
+        # the random-feature kernel (exp of projections, sums over all genes) runs in float32 whatever the
+        # model's dtype: in bf16 its normaliser loses the precision the approximation depends on
+        q, k, v = (t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2).float()
+                   for t in self.qkv(hidden_states).chunk(3, -1))
         key_mask = mask[:, None, :, None].to(q.dtype)
         chunks = range(0, n, self.chunk_size)
         # one max over all real keys per (profile, head): a common factor that cancels in the
@@ -84,7 +87,7 @@ class MStarPerformerAttention(nn.Module):
             qf = self._features(projected, half_norm + projected.amax(-1, keepdim=True).detach())
             outputs.append((qf @ context) / (qf @ key_sum[..., None]))
         out = torch.cat(outputs, dim=2).transpose(1, 2).flatten(2)
-        return self.out(out)
+        return self.out(out.to(hidden_states.dtype))
 
 
 class MStarPerformerLayer(GradientCheckpointingLayer):

@@ -48,6 +48,9 @@ class MStarPatchPreTrainedModel(PreTrainedModel):
     base_model_prefix = "mstar_patch"
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = True
+    # timm's ViT attention calls F.scaled_dot_product_attention when its `fused_attn` flag is set;
+    # `attn_implementation` ("sdpa" by default, or "eager") sets that flag on every block.
+    _supports_sdpa = True
 
     def _init_weights(self, module):
         # timm initialised the backbone when it was built (trunc-normal, LayerScale 1e-5, ...); the
@@ -62,7 +65,9 @@ class MStarPatchModel(MStarPatchPreTrainedModel):
 
     Forward:
         pixel_values (`torch.FloatTensor` of shape `[B, 3, H, W]`): patches normalised by
-            [`MStarImageProcessor`] (224x224 for the released encoders).
+            [`MStarImageProcessor`] (224x224 for the released encoders); cast to the model's dtype.
+
+    `attn_implementation="sdpa"` (default) or `"eager"` selects timm's fused or explicit attention.
 
     Returns:
         [`BaseModelOutputWithPooling`] with `pooler_output` `[B, hidden_size]` (the class token, the mSTAR
@@ -80,7 +85,19 @@ class MStarPatchModel(MStarPatchPreTrainedModel):
                 f"{config.timm_kwargs} gives {width}-d features."
             )
         config.hidden_size = width
+        self._applied_attn_implementation = None
         self.post_init()
+
+    def _sync_attn_implementation(self) -> None:
+        """Point timm's attention blocks at the backend the config names (transformers may change it after
+        construction, e.g. `set_attn_implementation`)."""
+        wanted = self.config._attn_implementation or "sdpa"
+        if wanted == self._applied_attn_implementation:
+            return
+        for module in self.backbone.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = wanted != "eager"
+        self._applied_attn_implementation = wanted
 
     # transformers toggles checkpointing by setting `gradient_checkpointing` on modules that have it;
     # timm's ViT has its own switch, so the attribute forwards to it.
@@ -104,6 +121,8 @@ class MStarPatchModel(MStarPatchPreTrainedModel):
     ) -> BaseModelOutputWithPooling | tuple:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"MStarPatchModel expects pixel_values of shape [B, 3, H, W], got {tuple(pixel_values.shape)}.")
+        self._sync_attn_implementation()
+        pixel_values = pixel_values.to(self.dtype)  # processors give float32; a bf16/fp16 model takes its own dtype
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         hidden_states = None
         if output_hidden_states:

@@ -32,7 +32,7 @@ def project_patches(model, patch_features: torch.Tensor, attention_mask: torch.T
         out = aggregator_output if aggregator_output is not None else model.aggregator(patch_features, attention_mask)
         embeds = model.slide_projection(out.patch_embeds)
     elif patch_source == "encoder":
-        embeds = model.get_patch_features(patch_features=patch_features, space="shared")
+        embeds = model.get_patch_features(patch_features=patch_features, space="shared").pooler_output
     else:
         raise ValueError(f"patch_source must be one of {PATCH_SOURCES}, got {patch_source!r}.")
     return F.normalize(embeds, dim=-1)

@@ -1,8 +1,11 @@
 """Heatmaps of per-patch scores over the slide thumbnail (matplotlib, PNG).
 
->>> res = pipe("slide.svs", candidate_labels=[...], return_patch_scores=True)
->>> save_zero_shot_heatmap(res, "heatmap.png")          # the top-scoring class
->>> save_heatmap("slide.svs", res["coords"], res["patch_scores"][:, 0], res["patch_size_level0"], "c0.png")
+>>> res = pipe("features/slide.h5", candidate_labels=[...], return_patch_scores=True)
+>>> save_zero_shot_heatmap(res, "heatmap.png")          # the top-scoring class, on the slide the h5 records
+>>> save_zero_shot_heatmap(res, "b.png", label="b", slide="elsewhere/slide.svs")
+>>> save_heatmap("slide.svs", res[0]["coords"], res[0]["patch_scores"], res[0]["patch_size_level0"], "c0.png")
+
+From the command line: `mstar-hf heatmap` (mstar_hf.commands.heatmap).
 """
 
 from __future__ import annotations
@@ -83,21 +86,42 @@ def save_heatmap(slide_path, coords, scores, patch_size_level0: int, out_png, *,
     return out_png
 
 
-def save_zero_shot_heatmap(result: dict, out_png, label: str | None = None, **kwargs) -> Path:
-    """Heatmap of one class (default: the top prediction) from a `wsi-zero-shot` result obtained with
-    `return_patch_scores=True` on a slide (or an h5 whose slide is known)."""
-    if not isinstance(result, dict) or "patch_scores" not in result:
-        raise ValueError("save_zero_shot_heatmap needs a wsi-zero-shot result computed with return_patch_scores=True.")
-    if result.get("slide_path") is None or result.get("coords") is None:
-        raise ValueError(f"{result.get('source')}: no slide path or coords to draw on; call save_heatmap with the slide.")
-    label = label or result["predictions"][0]["label"]
-    if label not in result["labels"]:
-        raise KeyError(f"label {label!r} is not one of {result['labels']}.")
-    column = result["labels"].index(label)
-    kwargs.setdefault("title", f"{Path(result['slide_path']).name}: cosine with {label!r}")
+def save_zero_shot_heatmap(result, out_png, label: str | None = None, slide=None, **kwargs) -> Path:
+    """Heatmap of one class from a `wsi-zero-shot` result computed with `return_patch_scores=True`.
+
+    result: the list the pipeline returns for one input. label: the class to draw (default: the top
+    prediction; it must be among the returned labels). slide: the slide file to draw on; by default the
+    one the result came from: the slide path given to the pipeline, or the slide a features h5 records
+    (its `slide_path` attribute, or its `slide` name next to the h5) when that file still exists.
+    Other keyword arguments go to `save_heatmap`.
+    """
+    if isinstance(result, dict) and "predictions" in result:
+        raise ValueError("save_zero_shot_heatmap takes the list wsi-zero-shot returns (its entries carry the "
+                         "patch scores), not a dict.")
+    if not isinstance(result, list) or not result or not isinstance(result[0], dict) or "patch_scores" not in result[0]:
+        raise ValueError("save_zero_shot_heatmap needs the list a wsi-zero-shot call returns for one input, computed "
+                         "with return_patch_scores=True.")
+    if label is None:
+        entry = result[0]
+    else:
+        entry = next((e for e in result if e["label"] == label), None)
+        if entry is None:
+            raise KeyError(f"label {label!r} is not among the returned labels {[e['label'] for e in result]} "
+                           f"(a top_k smaller than the number of classes drops the others).")
+    source = entry.get("source")
+    slide_path = slide if slide is not None else entry.get("slide_path")
+    if slide_path is None:
+        raise ValueError(f"{source}: the slide these patches come from is unknown (a features h5 records it when "
+                         f"`mstar-hf extract` wrote it and the slide is still there): pass slide= "
+                         f"(mstar-hf heatmap --slide).")
+    if entry.get("coords") is None:
+        raise ValueError(f"{source}: no patch coordinates to place the scores on the slide (give features with "
+                         f"coords, e.g. a features h5).")
+    label = entry["label"]
+    kwargs.setdefault("title", f"{Path(os.fspath(slide_path)).name}: cosine with {label!r}")
     kwargs.setdefault("label", f"cosine similarity to {label!r}")
-    return save_heatmap(result["slide_path"], result["coords"], result["patch_scores"][:, column],
-                        result["patch_size_level0"], out_png, **kwargs)
+    return save_heatmap(slide_path, entry["coords"], entry["patch_scores"], entry["patch_size_level0"], out_png,
+                        **kwargs)
 
 
 __all__ = ["save_heatmap", "save_zero_shot_heatmap", "score_grid"]

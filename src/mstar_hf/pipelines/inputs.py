@@ -11,6 +11,10 @@ An input is one of:
 
 Every error names the input and the problem (missing file, wrong feature width, empty bag, NaN).
 A list of inputs is padded into one batch by `collate_wsi_inputs`.
+
+This file travels with saved models as remote code (`pipelines/remote.py`): it imports the slide
+reading of `mstar_hf.wsi` from the package when installed, else from the copies beside it, and h5py /
+OpenSlide only when an input needs them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ from transformers.pipelines.base import no_collate_fn
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
 FEATURE_SUFFIXES = (".h5", ".hdf5")
+
+
+def _package_missing(exc: ModuleNotFoundError) -> bool:
+    """True when `exc` says mstar_hf itself is not installed (this file then runs as remote code)."""
+    return exc.name == "mstar_hf"
 
 
 @dataclass
@@ -80,28 +89,59 @@ def _check_coords(coords, num: int, where: str) -> np.ndarray | None:
     return coords
 
 
-def _read_h5(path: Path, feature_dim: int) -> WSIInput:
-    from mstar_hf.data.features import read_slide_features
-    from mstar_hf.wsi.features import read_attrs
+def _h5py():
+    try:
+        import h5py
+    except ImportError as exc:
+        raise ImportError("reading a features .h5 needs h5py: pip install h5py") from exc
+    return h5py
 
-    features, coords = read_slide_features(path, expected_dim=feature_dim, read_coords=True)
-    attrs = read_attrs(path) or {}
+
+def recorded_slide_path(h5_path, attrs: dict) -> str | None:
+    """The slide a features h5 was extracted from, if it still exists: the `slide_path` attribute (the
+    full path `mstar-hf extract` records), else the `slide` file name next to the h5 or in the folder above."""
+    h5_path = Path(h5_path)
+    candidates = []
+    for key in ("slide_path", "slide"):
+        value = attrs.get(key)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if isinstance(value, str) and value:
+            value = Path(value)
+            candidates += [value] if value.is_absolute() else [h5_path.parent / value, h5_path.parent.parent / value]
+    return next((str(c) for c in candidates if c.is_file()), None)
+
+
+def _read_h5(path: Path, feature_dim: int) -> WSIInput:
+    h5py = _h5py()
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as e:
+        raise OSError(f"{path}: cannot open as HDF5 ({e}).") from None
+    with handle as f:
+        if "features" not in f:
+            raise KeyError(f"{path}: no 'features' dataset in the features file; found {sorted(f.keys())}.")
+        features = np.asarray(f["features"][()])
+        coords = np.asarray(f["coords"][()]) if "coords" in f else None
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+    features = _check_features(features, feature_dim, str(path))
+    coords = _check_coords(coords, len(features), str(path))
     size0 = attrs.get("patch_size_level0")
-    slide = attrs.get("slide")  # the slide's file name, as extraction records it; a path only if it exists
-    slide_path = str(path.parent / slide) if slide and (path.parent / slide).is_file() else None
-    return WSIInput(torch.from_numpy(features), coords, str(path), "features", slide_path,
+    return WSIInput(features, coords, str(path), "features", recorded_slide_path(path, attrs),
                     int(size0) if size0 is not None else None)
 
 
 def _extract_slide(path: Path, feature_dim: int, patch_model, image_processor, device, options: dict) -> WSIInput:
-    from mstar_hf.wsi.extraction import extract_slide_features
+    try:  # the installed package
+        from mstar_hf.wsi.extraction import extract_slide_features
+    except ModuleNotFoundError as exc:  # remote code: the slide-reading files travel beside this one
+        if not _package_missing(exc):
+            raise
+        from .extraction import extract_slide_features
 
     if patch_model is None:
         raise ValueError(f"{path}: a slide path needs a model with a patch encoder; pass patch features instead.")
-    if image_processor is None:
-        from mstar_hf.modeling.image_processing_mstar import MStarImageProcessor
-
-        image_processor = MStarImageProcessor()  # the documented mSTAR preprocessing (224 px, ImageNet mean/std)
+    # image_processor None: the documented mSTAR preprocessing (224 px, ImageNet mean/std)
     coords, features, grid = extract_slide_features(
         path, patch_model, image_processor,
         batch_size=options.get("extraction_batch_size", 64),
@@ -189,16 +229,15 @@ def unbatch_meta(meta):
 
 PREPROCESS_PARAMS = ("patch_size", "target_mpp", "min_tissue", "mpp", "seg_params", "extraction_batch_size",
                      "extraction_workers", "precision", "progress")
-DEFAULT_BATCH_SIZE = 4
 
 
 class WSIPipeline(Pipeline):
     """Base of the WSI pipelines: resolves the tokenizer / image processor from an `MStarProcessor`,
     turns every input into a bag of patch features (`load_wsi_input`) and pads lists into batches.
 
-    Lists are batched `batch_size` slides at a time (default 4; slides of different lengths are each
-    computed on their own patches, so a batch gives the same numbers as one slide at a time). The
-    model is put in eval mode.
+    Lists are batched `batch_size` slides at a time (default 1, as in transformers; slides of different
+    lengths are each computed on their own patches, so a batch gives the same numbers as one slide at a
+    time). The model is put in eval mode.
     """
 
     _load_processor = None
@@ -207,7 +246,6 @@ class WSIPipeline(Pipeline):
     _load_feature_extractor = False
 
     def __init__(self, model, *args, **kwargs):
-        kwargs.setdefault("batch_size", DEFAULT_BATCH_SIZE)
         super().__init__(model, *args, **kwargs)
         if not hasattr(self.model, "aggregator") or not hasattr(self.model, "patch_model"):
             raise TypeError(f"{type(self).__name__} needs an MStarModel (patch encoder + aggregator), "
@@ -244,12 +282,45 @@ class WSIPipeline(Pipeline):
         return PipelineIterator(model_iterator, self.postprocess, postprocess_params)
 
     def save_pretrained(self, save_directory, **kwargs):
-        """Saves the model, the pipeline code (`custom_pipelines` in config.json) and the full processor,
-        so that `pipeline(task, model=save_directory, trust_remote_code=True)` rebuilds this pipeline."""
-        super().save_pretrained(save_directory, **kwargs)
+        """Saves the model, the full processor and the pipeline code (`custom_pipelines` in config.json),
+        so that `pipeline(task, model=save_directory, trust_remote_code=True)` rebuilds this pipeline,
+        with or without mstar_hf installed."""
+        save_pipeline(self, save_directory, **kwargs)
         if self.processor is not None:
             self.processor.save_pretrained(save_directory)
 
 
+def save_pipeline(pipe: Pipeline, save_directory, **kwargs) -> None:
+    """`Pipeline.save_pretrained` with the whole pipeline code: `mstar_hf.pipelines.remote.add_custom_pipelines`
+    where the package is installed; as remote code, the flat files beside this one."""
+    try:
+        from mstar_hf.pipelines.remote import add_custom_pipelines
+    except ModuleNotFoundError as exc:
+        if not _package_missing(exc):
+            raise
+        add_custom_pipelines = None
+    os.makedirs(save_directory, exist_ok=True)
+    pipe.model.save_pretrained(save_directory, **kwargs)
+    for part in (pipe.tokenizer, pipe.image_processor):
+        if part is not None:
+            part.save_pretrained(save_directory)
+    if add_custom_pipelines is not None:
+        add_custom_pipelines(save_directory)
+        return
+    import json
+    import shutil
+    import sys
+
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    # remote code: config.json keeps the custom_pipelines it was loaded with; copy the modules they name
+    here = Path(sys.modules[type(pipe).__module__].__file__).parent
+    config = json.loads((Path(save_directory) / "config.json").read_text(encoding="utf-8"))
+    for info in (config.get("custom_pipelines") or {}).values():
+        module = here / (info["impl"].split(".")[0] + ".py")
+        for source in [module, *map(Path, get_relative_import_files(module))]:
+            shutil.copyfile(source, Path(save_directory) / source.name)
+
+
 __all__ = ["WSIInput", "WSIPipeline", "load_wsi_input", "to_model_inputs", "collate_wsi_inputs", "unbatch_meta",
-           "FEATURE_SUFFIXES", "PREPROCESS_PARAMS"]
+           "recorded_slide_path", "save_pipeline", "FEATURE_SUFFIXES", "PREPROCESS_PARAMS"]

@@ -12,10 +12,13 @@ Inputs: a slide file (tissue segmentation, tiling and patch encoding with `mstar
 is the one the model carries, `model.patch_model`, or `patch_model=` given to the pipeline), a features h5
 (`coords`, `features`), a features tensor / array `[N, D]`, or a dict `{"features": [N, D], "coords": [N, 2]}`.
 A list (or a dataset / generator, streamed) is read item by item and generated in batches of `batch_size`
-(default 4); a slide gets the same report alone or in a batch. Generation
+(default 1, as in transformers); a slide gets the same report alone or in a batch. Generation
 kwargs (`num_beams`, `max_new_tokens`, `do_sample`, `top_k`, `num_return_sequences`, `generation_config`,
 ...) pass through to `model.generate`; the defaults come from the model's generation config (beam 3,
 at most 100 new tokens).
+
+Without mstar_hf: `pipeline("wsi-report-generation", model=repo_or_folder, trust_remote_code=True)` (this file
+travels with the model, see `pipelines/remote.py`).
 """
 
 import os
@@ -25,9 +28,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, Pipeline
 
-from .inputs import FEATURE_SUFFIXES, PREPROCESS_PARAMS, load_wsi_input
-
-DEFAULT_BATCH_SIZE = 4
+from .inputs import FEATURE_SUFFIXES, PREPROCESS_PARAMS, load_wsi_input, save_pipeline
 
 
 class WSIReportGenerationPipeline(Pipeline):
@@ -48,12 +49,15 @@ class WSIReportGenerationPipeline(Pipeline):
 
     def __init__(self, *args, patch_model=None, **kwargs):
         super().__init__(*args, **kwargs)
-        if self._batch_size is None:
-            self._batch_size = DEFAULT_BATCH_SIZE
         self.model.eval()  # no dropout: a slide gets the same report alone or in a batch
         self.patch_model = patch_model if patch_model is not None else getattr(self.model, "patch_model", None)
         if self.patch_model is not None:
             self._check_width(self.patch_model.config.hidden_size, "the patch model")
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Saves the model, tokenizer and the pipeline code (`custom_pipelines` in config.json), so that
+        `pipeline("wsi-report-generation", model=save_directory, trust_remote_code=True)` rebuilds it."""
+        save_pipeline(self, save_directory, **kwargs)
 
     # ----- parameters -----
     def _sanitize_parameters(self, generate_kwargs=None, skip_special_tokens=None, **kwargs):

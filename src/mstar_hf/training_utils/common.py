@@ -3,6 +3,7 @@ common arguments, the `Accelerator`, checkpoints with `save_state` + resume, the
 PNG, `training_args.json`, and `--push_to_hub`.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -28,13 +29,17 @@ class CommonTrainingArguments:
     adam_beta1: float = field(default=0.9)
     adam_beta2: float = field(default=0.999)
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 disables)."})
-    max_train_steps: int = field(default=100, metadata={"help": "Optimizer steps to train for."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs to train for (--max_train_steps overrides)."})
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps to train for; overrides --num_train_epochs when given."})
     per_device_train_batch_size: int = field(default=8)
     per_device_eval_batch_size: int = field(default=16)
     gradient_accumulation_steps: int = field(default=1)
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name."})
     num_warmup_steps: int = field(default=0)
-    checkpointing_steps: int = field(default=0, metadata={"help": "save_state every N steps (0: only at the end)."})
+    checkpointing_steps: str | None = field(default=None, metadata={
+        "help": "save_state every N optimizer steps, or 'epoch' at every epoch end; a checkpoint is always written "
+                "at the end of training (0 / unset: only that one)."})
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint-N folder, or 'latest' for the newest under output_dir."}
     )
@@ -46,7 +51,11 @@ class CommonTrainingArguments:
     dataloader_num_workers: int = field(default=0)
     push_to_hub: bool = field(default=False, metadata={"help": "Push the final model folder to the Hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Repo id for --push_to_hub."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token for --push_to_hub (default: HF_TOKEN / login)."})
     hub_private_repo: bool = field(default=False)
+    skip_bad_cases: bool = field(default=False, metadata={
+        "help": "Cases that fail the check before training (unreadable/NaN features, wrong width, bad RNA, empty "
+                "report) are left out and listed in output_dir/failures.csv, instead of stopping the run."})
     quiet: bool = field(default=False, metadata={"help": "No progress bars."})
 
 
@@ -62,6 +71,13 @@ def make_accelerator(args: CommonTrainingArguments, project_name: str):
         log_with=args.report_to if args.with_tracking else None,
         project_config=project,
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        # each process would train alone and all would write the same files as "main"
+        raise RuntimeError(
+            f"{launched} processes were launched (WORLD_SIZE) but Accelerate set up no process group, so each would "
+            "train alone. On machines without GPUs use `accelerate launch --cpu ...` or set ACCELERATE_USE_CPU=1 "
+            "(torchrun), which selects the gloo backend.")
     set_seed(args.seed)
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -70,6 +86,23 @@ def make_accelerator(args: CommonTrainingArguments, project_name: str):
         config = {k: v for k, v in asdict(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(project_name, config)
     return accelerator
+
+
+@contextlib.contextmanager
+def no_zero3_init():
+    """Models built inside are whole, not partitioned by `deepspeed.zero.Init`: under ZeRO-3 transformers
+    partitions every `from_pretrained` while the run's DeepSpeed config is registered, which breaks loading
+    sub-models into a composite one; the engine partitions the trained model itself at `prepare`."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -110,8 +143,10 @@ def save_checkpoint(accelerator, output_dir: str, step: int, extra: dict | None 
     complete, so a kill mid-save never leaves a checkpoint that looks whole."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f".tmp-checkpoint-{step}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)  # before the other ranks write their RNG states into it
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
@@ -160,7 +195,7 @@ def plot_curves(records: list[dict], png_path: str | Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({k for r in records for k in r if k != "step"})
+    keys = sorted({k for r in records for k in r if k not in ("step", "lr")})  # the learning rate has its own scale
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for key in keys:
         points = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
@@ -200,7 +235,8 @@ def push_to_hub(folder: str | Path, args: CommonTrainingArguments, commit_messag
 
     if not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/mstar-stage1).")
-    return push_folder(folder, args.hub_model_id, private=args.hub_private_repo, commit_message=commit_message)
+    return push_folder(folder, args.hub_model_id, private=args.hub_private_repo, commit_message=commit_message,
+                       token=getattr(args, "hub_token", None))
 
 
 def build_optimizer(model, args: CommonTrainingArguments, params=None):
@@ -212,6 +248,43 @@ def build_optimizer(model, args: CommonTrainingArguments, params=None):
     decay = [p for n, p in named if not (p.ndim < 2 or "norm" in n.lower() or n.endswith("logit_scale"))]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+
+
+def split_names(value: str | None) -> list[str]:
+    """'val,test' -> ['val', 'test'] (one spelling for every --train_split / --eval_split flag)."""
+    return [name.strip() for name in (value or "").split(",") if name.strip()]
+
+
+def cohort_splits(cohort, train_split: str, eval_split: str | None, seed: int, manifest: str,
+                  holdout_fraction: float = 0.15):
+    """(train, held-out, description) of a cohort, always at case level: with a `split` column, its values
+    (checked so that no patient has slides on two sides); without one, `holdout_fraction` of the cases
+    (never of the slides) are held out. The held-out part may be empty ("no held-out set"): it never
+    falls back to training data."""
+    import numpy as np
+
+    from ..data.cases import check_case_splits
+
+    case_ids = [str(c) for c in cohort["case_id"]]
+    splits = list(cohort["split"]) if "split" in cohort.column_names else [None] * len(case_ids)
+    train_names, eval_names = set(split_names(train_split)), set(split_names(eval_split))
+    if train_names & eval_names:
+        raise ValueError(f"--train_split and --eval_split share {sorted(train_names & eval_names)}.")
+    if any(s is not None for s in splits):
+        splits = check_case_splits(case_ids, splits, source=f"manifest {manifest!r}")
+        train_rows = [i for i, s in enumerate(splits) if s in train_names]
+        eval_rows = [i for i, s in enumerate(splits) if s in eval_names]
+        source = f"manifest splits: train = {sorted(train_names)}, held out = {sorted(eval_names) or 'none'}"
+    else:
+        cases = sorted(set(case_ids))
+        rng = np.random.default_rng(seed)
+        held = set(rng.permutation(cases)[: int(round(holdout_fraction * len(cases)))].tolist()) if eval_names else set()
+        train_rows = [i for i, c in enumerate(case_ids) if c not in held]
+        eval_rows = [i for i, c in enumerate(case_ids) if c in held]
+        source = f"no split column: {len(held)} of {len(cases)} cases held out at random (seed {seed})"
+    if not train_rows:
+        raise ValueError(f"{manifest}: the training split {sorted(train_names)} has no case.")
+    return cohort.select(train_rows), cohort.select(eval_rows), source
 
 
 class EpochShuffleSampler:
@@ -255,13 +328,16 @@ __all__ = [
     "LossLog",
     "build_optimizer",
     "checkpoint_step",
+    "cohort_splits",
     "find_checkpoint",
     "is_deepspeed",
     "make_accelerator",
+    "no_zero3_init",
     "plot_curves",
     "push_to_hub",
     "resumable_batches",
     "save_checkpoint",
+    "split_names",
     "write_eval_results",
     "write_training_args",
 ]

@@ -1,7 +1,10 @@
 """One downstream evaluation over one or several feature folders (the engine of `mstar-hf evaluate`).
 
 Every feature folder is evaluated on the same slides, folds and seeds, so their predictions are paired
-case by case: the first folder is the reference and each other one gets paired bootstrap p-values.
+case by case: the first folder is the reference and each other one gets paired case-bootstrap p-values.
+Scores are per case (patient) by default (`evaluation.report`); the headline figure is the mean +- std
+over folds, or a fixed test split's value with its case-bootstrap CI, and a split notice says where the
+split comes from, its sizes in cases, and warns about tiny test sides or missing classes.
 Writes `results.json`, `predictions_<name>.csv` and the plots into `out_dir`.
 """
 
@@ -18,7 +21,15 @@ import numpy as np
 from ..evaluation.bootstrap import DEFAULT_BOOTSTRAP, bootstrap_ci, paired_bootstrap
 from ..evaluation.cohort import align_tasks, load_task
 from .mil import FeatureStore, MILSettings, load_pretrained_aggregator, primary_metric, run_cross_validation
-from ..evaluation.report import compare, format_table, summarize, write_json, write_predictions_csv
+from ..evaluation.report import (
+    compare,
+    format_table,
+    scored,
+    split_notice,
+    summarize,
+    write_json,
+    write_predictions_csv,
+)
 from ..evaluation.splits import make_folds
 
 logger = logging.getLogger(__name__)
@@ -38,6 +49,8 @@ class EvaluationConfig:
     event_column: str = "event"
     folds: int = 5
     splits: str = "auto"  # auto | manifest | kfold
+    split_from_first_slide: bool = False  # a case with slides on two sides of the split column takes its first's
+    score_level: str = "case"  # "case": one score per patient (mean over its slides); "slide"
     val_fraction: float = 0.2
     num_bootstrap: int = DEFAULT_BOOTSTRAP
     shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
@@ -91,10 +104,14 @@ def run_evaluation(config: EvaluationConfig) -> dict:
         # few-shot needs no folds: supports come from the train (+ val) split and queries from the test split
         # when the manifest has them, else from all slides (queries: the cases outside each support set)
         fixed = use_splits is True or (use_splits is None and all(s is not None for s in ref.splits))
-        folds = make_folds(ref, val_fraction=0.0, use_manifest_splits=True) if fixed else []
+        folds = make_folds(ref, val_fraction=0.0, use_manifest_splits=True,
+                           split_from_first_slide=config.split_from_first_slide) if fixed else []
     else:
         folds = make_folds(ref, folds=config.folds, seed=config.mil.seed, val_fraction=config.val_fraction,
-                           use_manifest_splits=use_splits)
+                           use_manifest_splits=use_splits, split_from_first_slide=config.split_from_first_slide)
+    notice = split_notice(ref, folds)
+    for line in notice["warnings"]:
+        logger.warning(line)
     settings = config.mil
     # one pretrained aggregator, loaded once, initialises every fold's head (and gives probe embeddings)
     aggregator = load_pretrained_aggregator(settings.aggregator) if settings.init == "mstar+" else None
@@ -103,6 +120,8 @@ def run_evaluation(config: EvaluationConfig) -> dict:
         "task": config.task, "manifest": ref.manifest, "label": config.label if kind == "classification" else None,
         "classes": ref.class_names, "n_slides": len(ref), "n_cases": len(set(ref.case_ids)),
         "excluded": ref.excluded, "folds": [f.summary() for f in folds], "primary_metric": primary,
+        "score_level": config.score_level, "split_source": notice["source"], "split_sizes": notice["sizes"],
+        "warnings": notice["warnings"], "notice": notice["text"],
         "reference": names[0], "settings": {**asdict(config), "mil": asdict(config.mil)}, "feature_sets": {},
         "comparisons": [], "plots": [],
     }
@@ -131,7 +150,8 @@ def run_evaluation(config: EvaluationConfig) -> dict:
                 cv = run_cross_validation(data, folds, settings, accelerator, store, aggregator=aggregator,
                                           attention_slides=config.heatmaps, progress=config.progress)
                 rows, fold_ids, preds, records, attention = cv.rows, cv.fold, cv.preds, cv.folds, cv.attention
-            summary = summarize(data, rows, preds, records, num_bootstrap=config.num_bootstrap, seed=settings.seed)
+            summary = summarize(data, rows, preds, records, num_bootstrap=config.num_bootstrap, seed=settings.seed,
+                                fold=fold_ids, level=config.score_level)
             summary["features_dir"] = data.features_dir
             summary["feature_dim"] = data.feature_dim
             csv_path = write_predictions_csv(out_dir / f"predictions_{name}.csv", data, rows, preds, fold_ids)
@@ -145,7 +165,8 @@ def run_evaluation(config: EvaluationConfig) -> dict:
             rows, preds = outputs[name][:2]
             if not np.array_equal(rows, ref_rows):
                 raise RuntimeError("internal error: feature sets were scored on different slides.")
-            comp = compare(ref, rows, ref_preds, preds, num_bootstrap=config.num_bootstrap, seed=settings.seed)
+            comp = compare(ref, rows, ref_preds, preds, num_bootstrap=config.num_bootstrap, seed=settings.seed,
+                           level=config.score_level)
             row["comparison"] = comp
             results["comparisons"].append({"a": names[0], "b": name, "metrics": comp})
         results["plots"] += _plots(kind, ref, names, outputs, out_dir, config, plots)
@@ -161,12 +182,16 @@ def run_evaluation(config: EvaluationConfig) -> dict:
 def _plots(kind, ref, names, outputs, out_dir, config, plots) -> list[str]:
     written = []
     rows = outputs[names[0]][0]
+    # the curves count what the metrics count: one point per case at case level (mean of its slides)
+    per = {n: scored(ref, rows, outputs[n][1], outputs[n][2], config.score_level) for n in names}
+    truth, _, fold_of, _ = per[names[0]]
     if kind == "classification":
-        written.append(plots.plot_roc(ref.labels[rows], {n: outputs[n][1]["probs"] for n in names}, ref.class_names,
-                                      out_dir / "roc.png", title=f"{config.task}: {config.label}"))
+        written.append(plots.plot_roc(truth[0], {n: per[n][1] for n in names}, ref.class_names,
+                                      out_dir / "roc.png",
+                                      title=f"{config.task}: {config.label} ({config.score_level} level)"))
     else:
-        written.append(plots.plot_kaplan_meier(ref.times[rows], ref.events[rows], {n: outputs[n][1]["risk"] for n in names},
-                                               out_dir / "kaplan_meier.png", groups=outputs[names[0]][2]))
+        written.append(plots.plot_kaplan_meier(truth[0], truth[1], {n: per[n][1] for n in names},
+                                               out_dir / "kaplan_meier.png", groups=fold_of))
     if config.heatmaps:
         (out_dir / "heatmaps").mkdir(exist_ok=True)
         for name in names:
@@ -210,7 +235,8 @@ def _few_shot(config, tasks, names, folds, aggregator, results, table_rows, out_
                                                                          seed=config.mil.seed),
                        "fold_mean": dict(zip(keys, np.nanmean(matrix, 0).tolist())),
                        "fold_std": dict(zip(keys, np.nanstd(matrix, 0).tolist())),
-                       "n_query": [d["n_query"] for d in out["draws"]]}
+                       "n_query": [d["n_query"] for d in out["draws"]],
+                       "n_query_cases": [d["n_query_cases"] for d in out["draws"]]}
             results["feature_sets"][name]["shots"][str(k)] = summary
             curves.setdefault(name, {})[k] = summary["metrics"]["macro_auc"]
             row = {"name": f"{name} ({k}-shot)", "is_reference": name == names[0], "_order": (k, names.index(name)),

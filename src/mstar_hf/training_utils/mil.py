@@ -1,9 +1,15 @@
 """Training and scoring MIL heads (ABMIL / TransMIL) on patch features, fold by fold, with Accelerate.
 
 The recipe of the paper's downstream experiments: Adam (weight decay 1e-5), a cosine schedule, one
-slide per step, up to 50 epochs, early stopping after 10 epochs without improvement of the validation
+bag per step, up to 50 epochs, early stopping after 10 epochs without improvement of the validation
 metric (macro-AUC or C-index; ties go to the lower validation loss), and the best epoch's weights are
-the fold's model. Used by `mstar-hf evaluate` and `training/finetune.py`.
+the fold's model.
+
+A bag is one slide (`bag_level="slide"`, the default; a case's prediction is then the mean over its
+slides) or all slides of a case concatenated (`bag_level="case"`, as TCGA MIL work commonly does; each
+slide of the case carries the case bag's prediction). Scores are per case either way
+(`evaluation.report`), and survival time bins count cases, not slides. Used by `mstar-hf evaluate` and
+`training/finetune.py`.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class MILSettings:
     early_stopping: str = "auto"  # "auto" (metric when the validation set allows it, else loss), "metric", "loss"
     num_time_bins: int = 4
     survival_loss_alpha: float = 0.0
+    bag_level: str = "slide"  # "slide": one bag per slide; "case": one bag per case (all its slides' patches)
     seed: int = 0
 
 
@@ -105,13 +112,25 @@ class FeatureStore:
         return self._coords[path]
 
 
+def case_bags(data: TaskData, rows) -> list[np.ndarray]:
+    """`rows` grouped into one bag per case (cases in order of first appearance)."""
+    from ..data.cases import case_groups
+
+    rows = np.asarray(rows, dtype=np.int64)
+    _, inverse = case_groups([data.case_ids[i] for i in rows])
+    return [rows[inverse == g] for g in range(int(inverse.max()) + 1)] if len(rows) else []
+
+
 class BagDataset(Dataset):
-    """One item per slide: `patch_features` [n, D] plus its targets. In training with `max_patches`, a
-    slide with more patches gets a fresh seeded sample each epoch."""
+    """One item per slide, or with `by_case` per case (the patches of all its slides, in row order):
+    `patch_features` [n, D] plus its targets (a case's slides share them, which `evaluation.report`
+    checks). In training with `max_patches`, a bag with more patches gets a fresh seeded sample each
+    epoch."""
 
     def __init__(self, data: TaskData, rows, store: FeatureStore, time_bins=None, max_patches: int | None = None,
-                 seed: int = 0, train: bool = False):
+                 seed: int = 0, train: bool = False, by_case: bool = False):
         self.data, self.rows, self.store = data, np.asarray(rows, dtype=np.int64), store
+        self.bags = case_bags(data, self.rows) if by_case else [self.rows[j:j + 1] for j in range(len(self.rows))]
         self.max_patches, self.seed, self.train = max_patches, seed, train
         self.epoch = 0
         self.bins = None
@@ -124,11 +143,13 @@ class BagDataset(Dataset):
         self.epoch = epoch
 
     def __len__(self):
-        return len(self.rows)
+        return len(self.bags)
 
     def __getitem__(self, j):
-        i = int(self.rows[j])
-        features = self.store.get(self.data.feature_paths[i], self.data.case_ids[i])
+        bag = self.bags[j]
+        i = int(bag[0])
+        features = [self.store.get(self.data.feature_paths[r], self.data.case_ids[r]) for r in bag]
+        features = features[0] if len(features) == 1 else np.concatenate(features)
         if self.train and self.max_patches and len(features) > self.max_patches:
             rng = np.random.default_rng([self.seed, self.epoch, i])
             features = features[np.sort(rng.choice(len(features), self.max_patches, replace=False))]
@@ -145,15 +166,10 @@ class BagDataset(Dataset):
 
 def collate_bags(items: list[dict]) -> dict:
     """Pads bags to the longest one: `patch_features` [B, N, D], `attention_mask` [B, N], targets [B]."""
-    longest = max(len(it["patch_features"]) for it in items)
-    dim = items[0]["patch_features"].shape[1]
-    features = torch.zeros(len(items), longest, dim)
-    mask = torch.zeros(len(items), longest, dtype=torch.bool)
-    for b, it in enumerate(items):
-        n = len(it["patch_features"])
-        features[b, :n] = it["patch_features"]
-        mask[b, :n] = True
-    batch = {"patch_features": features, "attention_mask": mask, "rows": torch.tensor([it["row"] for it in items])}
+    from ..data.bags import pad_bags
+
+    batch = pad_bags([it["patch_features"] for it in items], mask_key="attention_mask")
+    batch["rows"] = torch.tensor([it["row"] for it in items])
     for key, dtype in (("labels", torch.long), ("events", torch.long), ("times", torch.float32)):
         if key in items[0]:
             batch[key] = torch.tensor([it[key] for it in items], dtype=dtype)
@@ -216,8 +232,11 @@ def build_model(data: TaskData, settings: MILSettings, train_rows, aggregator=No
         kwargs = {"num_labels": data.num_classes, "id2label": dict(enumerate(data.class_names)),
                   "label2id": {n: i for i, n in enumerate(data.class_names)}}
     else:
+        from ..data.cases import first_row_per_case
+
         model_class, config_class = MStarForSurvivalPrediction, MStarSurvivalConfig
-        rows = np.asarray(train_rows)
+        # bins count cases: a patient with three slides is one survival time, not three
+        rows = first_row_per_case(data.case_ids, train_rows)
         kwargs = {"num_time_bins": settings.num_time_bins, "survival_loss_alpha": settings.survival_loss_alpha,
                   "time_bins": compute_time_bins(data.times[rows], data.events[rows], settings.num_time_bins)}
     if settings.init == "mstar+":
@@ -249,14 +268,16 @@ def build_model(data: TaskData, settings: MILSettings, train_rows, aggregator=No
 
 
 @torch.no_grad()
-def predict(model, data: TaskData, rows, store: FeatureStore, device=None) -> dict:
+def predict(model, data: TaskData, rows, store: FeatureStore, device=None, by_case: bool = False) -> dict:
     """Predictions for `rows`: classification `probs` [n, C]; survival `risk` [n], `hazards`, `survival`
-    [n, K]; and the mean `loss`. Every process scores all rows (MIL scoring is cheap next to training)."""
+    [n, K]; and the mean `loss` (over bags). With `by_case`, one bag per case and every slide of the case
+    gets its bag's prediction. Every process scores all rows (MIL scoring is cheap next to training)."""
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
     time_bins = getattr(model.config, "time_bins", None)
-    loader = DataLoader(BagDataset(data, rows, store, time_bins=time_bins), batch_size=1, collate_fn=collate_bags)
+    dataset = BagDataset(data, rows, store, time_bins=time_bins, by_case=by_case)
+    loader = DataLoader(dataset, batch_size=1, collate_fn=collate_bags)
     out: dict[str, list] = {}
     losses = []
     for batch in loader:
@@ -273,19 +294,19 @@ def predict(model, data: TaskData, rows, store: FeatureStore, device=None) -> di
                 out.setdefault(key, []).append(getattr(result, key).float().cpu())
     model.train(was_training)
     preds = {k: torch.cat(v).numpy().astype(np.float64) for k, v in out.items()}
+    if by_case:  # bag order -> row order: each slide takes its case bag's prediction
+        position = {int(r): b for b, bag in enumerate(dataset.bags) for r in bag}
+        take = np.array([position[int(r)] for r in dataset.rows], dtype=np.int64)
+        preds = {k: v[take] for k, v in preds.items()}
     preds["loss"] = float(np.mean(losses)) if losses else math.nan
     return preds
 
 
 def score(data: TaskData, rows, preds: dict) -> dict[str, float]:
-    rows = np.asarray(rows)
-    if data.task == "classification":
-        from ..evaluation.classification import classification_metrics
+    """Metrics of `preds` for `rows`, one score per case (the mean prediction of the case's slides)."""
+    from ..evaluation.report import score_cases
 
-        return classification_metrics(data.labels[rows], preds["probs"])
-    from ..evaluation.survival import survival_metrics
-
-    return survival_metrics(data.times[rows], data.events[rows], preds["risk"])
+    return score_cases(data, rows, preds, level="case")
 
 
 def primary_metric(task: str) -> str:
@@ -315,7 +336,7 @@ def attention_maps(model, data: TaskData, rows, store: FeatureStore) -> list[dic
 
 def _can_score(data: TaskData, rows) -> bool:
     rows = np.asarray(rows)
-    if len(rows) < 2:
+    if len({data.case_ids[i] for i in rows}) < 2:  # scores are per case
         return False
     if data.task == "classification":
         return len(np.unique(data.labels[rows])) >= 2
@@ -347,13 +368,16 @@ def train_fold(
     are kept in `fold_dir/best`, and `resume=True` continues from the latest checkpoint there.
     """
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     from .common import LossLog, find_checkpoint, save_checkpoint
+    from .loop import build_scheduler, optimizer_step
 
     time_bins = getattr(model.config, "time_bins", None)
+    if settings.bag_level not in ("slide", "case"):
+        raise ValueError(f"bag_level must be 'slide' or 'case', got {settings.bag_level!r}.")
+    by_case = settings.bag_level == "case"
     train_set = BagDataset(data, fold.train, store, time_bins=time_bins, max_patches=settings.max_patches,
-                           seed=settings.seed + fold.index, train=True)
+                           seed=settings.seed + fold.index, train=True, by_case=by_case)
     sampler = EpochSampler(len(train_set), settings.seed + fold.index)
     loader = DataLoader(train_set, batch_size=settings.batch_size, sampler=sampler, collate_fn=collate_bags)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -361,8 +385,7 @@ def train_fold(
     total_steps = settings.epochs * steps_per_epoch
     if settings.max_train_steps:
         total_steps = min(total_steps, settings.max_train_steps)
-    scheduler = get_scheduler(settings.lr_scheduler_type, optimizer, num_warmup_steps=0,
-                              num_training_steps=total_steps * accelerator.num_processes)
+    scheduler = build_scheduler(settings.lr_scheduler_type, optimizer, 0, total_steps, accelerator.num_processes)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     unwrapped = accelerator.unwrap_model(model)
 
@@ -407,20 +430,15 @@ def train_fold(
                 batch.pop("times")  # bins are precomputed in `labels`
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
-                accelerator.backward(loss)
+                optimizer_step(accelerator, model, optimizer, scheduler, loss, settings.max_grad_norm)
                 if accelerator.sync_gradients:
                     state["step"] += 1
-                    if settings.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
             running += float(loss.detach())
             count += 1
         record = {"epoch": epoch, "train_loss": running / max(count, 1), "lr": scheduler.get_last_lr()[0]}
         improved = not has_val
         if has_val:
-            preds = predict(unwrapped, data, fold.val, store)
+            preds = predict(unwrapped, data, fold.val, store, by_case=by_case)
             metric = score(data, fold.val, preds)[primary_metric(data.task)] if on == "metric" else math.nan
             record.update(val_loss=preds["loss"], val_metric=metric)
             improved = _better(metric, preds["loss"], state["best_metric"], state["best_loss"], on)
@@ -514,7 +532,7 @@ def run_cross_validation(
             model = build_model(data, settings, fold.train, aggregator=aggregator).to(accelerator.device)
             model, run = train_fold(model, data, fold, settings, accelerator, store, fold_dir=fold_dir, resume=resume,
                                     progress=progress)
-            fold_preds = predict(model, data, fold.test, store)
+            fold_preds = predict(model, data, fold.test, store, by_case=settings.bag_level == "case")
             saved = {**fold.summary(), **asdict(run), "test_loss": fold_preds["loss"],
                      "test_metrics": score(data, fold.test, fold_preds), "slide_ids": [data.slide_ids[i] for i in fold.test]}
             if data.task == "survival":
@@ -550,6 +568,7 @@ __all__ = [
     "MILSettings",
     "attention_maps",
     "build_model",
+    "case_bags",
     "collate_bags",
     "load_pretrained_aggregator",
     "predict",

@@ -7,6 +7,7 @@ inter-modality InfoNCE and the inter-cancer triplet loss. `training/stage1.py` i
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,15 +16,11 @@ import torch
 from .common import (
     CommonTrainingArguments,
     EpochShuffleSampler,
-    LossLog,
     build_optimizer,
-    checkpoint_step,
-    find_checkpoint,
-    is_deepspeed,
     make_accelerator,
+    no_zero3_init,
     push_to_hub,
     resumable_batches,
-    save_checkpoint,
     write_eval_results,
     write_training_args,
 )
@@ -67,8 +64,13 @@ class Stage1DataArguments:
     max_patches: int = field(default=4096, metadata={"help": "Patches sampled (or all, if fewer) per slide."})
     max_report_length: int = field(default=512)
     tokenizer_vocab_size: int = field(default=2048, metadata={"help": "When a tokenizer is trained on the reports."})
-    train_split: str = field(default="train")
-    eval_split: str = field(default="val", metadata={"help": "Held-out split(s) for retrieval, comma-separated (e.g. val,test)."})
+    train_split: str = field(default="train", metadata={"help": "Training split(s), comma-separated."})
+    eval_split: str = field(default="val", metadata={
+        "help": "Held-out split(s) for retrieval, comma-separated (e.g. val,test); none in the manifest: no held-out "
+                "evaluation (never the training data)."})
+    clean_reports: bool = field(default=True, metadata={
+        "help": "Clean OCR'd reports before tokenising (page headers, barcodes, UUIDs, redaction marks and OCR noise "
+                "runs dropped; diagnosis sections first), so the 512-token window holds the diagnosis."})
 
 
 @dataclass
@@ -84,19 +86,6 @@ def _gene_vocab(data_args: Stage1DataArguments) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no gene vocabulary (pass --gene_vocab).")
     return read_gene_vocab(path)
-
-
-def _feature_width(dataset) -> int:
-    import h5py
-
-    for path in dataset["features_path"]:
-        if path:
-            try:
-                with h5py.File(path, "r") as handle:
-                    return int(handle["features"].shape[1])
-            except (OSError, KeyError) as err:
-                raise ValueError(f"{path}: not a readable features file ({err}).") from err
-    raise ValueError("no case of the cohort has a features file.")
 
 
 def build_processor_and_model(model_args: Stage1ModelArguments, data_args: Stage1DataArguments, train_reports: list[str]):
@@ -148,21 +137,24 @@ def build_processor_and_model(model_args: Stage1ModelArguments, data_args: Stage
     return model, processor
 
 
-def make_loader(dataset, processor, data_args, batch_size: int, seed: int, shuffle: bool, feature_dim: int, workers: int):
+def make_loader(dataset, processor, data_args, batch_size: int, seed: int, shuffle: bool, feature_dim: int, workers: int,
+                drop_last: bool = False):
     from ..data import CohortTorchDataset, MStarDataCollator
 
     torch_dataset = CohortTorchDataset(dataset, processor, max_patches=data_args.max_patches, feature_dim=feature_dim, seed=seed)
     collator = MStarDataCollator(processor, max_patches=data_args.max_patches, feature_dim=feature_dim, seed=seed)
     sampler = EpochShuffleSampler(len(torch_dataset), seed) if shuffle else None
     return torch.utils.data.DataLoader(
-        torch_dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator, num_workers=workers
+        torch_dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator, num_workers=workers,
+        drop_last=drop_last,
     ), torch_dataset
 
 
 @torch.no_grad()
 def embed_cohort(model, loader, device) -> dict:
     """Normalised embeddings of every case of a loader, with presence masks and cancer types."""
-    chunks = {k: [] for k in ("slide", "report", "rna", "slide_present", "report_present", "rna_present", "cancer_type")}
+    chunks = {k: [] for k in ("slide", "report", "rna", "slide_present", "report_present", "rna_present", "cancer_type",
+                              "case_index")}
     was_training = model.training
     model.eval()
     for batch in loader:
@@ -171,7 +163,8 @@ def embed_cohort(model, loader, device) -> dict:
         out = model(**batch, return_loss=False)
         for key, value in (("slide", out.slide_embeds), ("report", out.text_embeds), ("rna", out.rna_embeds),
                            ("slide_present", out.slide_present), ("report_present", out.report_present),
-                           ("rna_present", out.rna_present), ("cancer_type", batch["cancer_type"])):
+                           ("rna_present", out.rna_present), ("cancer_type", batch["cancer_type"]),
+                           ("case_index", batch["case_index"])):
             chunks[key].append(value.float().cpu() if value.is_floating_point() else value.cpu())
     model.train(was_training)
     return {k: torch.cat(v) for k, v in chunks.items()}
@@ -190,33 +183,61 @@ def retrieval_metrics(embeds: dict) -> dict:
     return results
 
 
-def run_stage1(model_args: Stage1ModelArguments, data_args: Stage1DataArguments, args: Stage1TrainingArguments) -> dict:
-    """Trains Stage 1; returns the final metrics. Writes the model, processor, loss curve, retrieval table."""
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+def retrieval_metrics_by_case(embeds: dict, case_index: torch.Tensor) -> dict:
+    """Retrieval with one row per patient case (its slides' embeddings averaged and re-normalised), beside
+    the slide-level figures: patients with several slides do not count several times."""
+    grouped = {}
+    cases, inverse = torch.unique(case_index, return_inverse=True)
+    if len(cases) == len(case_index):
+        return {}
+    for key in ("slide", "report", "rna"):
+        summed = torch.zeros(len(cases), embeds[key].shape[1]).index_add_(0, inverse, embeds[key])
+        grouped[key] = torch.nn.functional.normalize(summed, dim=-1)
+        present = torch.zeros(len(cases), dtype=torch.long).index_add_(0, inverse, embeds[f"{key}_present"].long())
+        grouped[f"{key}_present"] = present > 0
+    grouped["cancer_type"] = torch.full((len(cases),), -1, dtype=torch.long).scatter_(0, inverse, embeds["cancer_type"])
+    return retrieval_metrics(grouped)
 
+
+def run_stage1(model_args: Stage1ModelArguments, data_args: Stage1DataArguments, args: Stage1TrainingArguments) -> dict:
+    """Trains Stage 1; returns the final metrics. Writes the model, processor, loss curve, retrieval table.
+
+    Order of the end matters: the trained model is saved before the held-out evaluation, so a failure
+    there never loses it."""
     from ..data import load_cohort
     from ..evaluation.retrieval import retrieval_table
+    from .common import cohort_splits
+    from .loop import TrainingLoop, build_scheduler, checked_cohort, resolve_max_train_steps
 
     accelerator = make_accelerator(args, "mstar_stage1")
     output_dir = Path(args.output_dir)
-    cohort = load_cohort(data_args.manifest)
-    if "split" in cohort.column_names and data_args.train_split in set(cohort["split"]):
-        train_set = cohort.filter(lambda s: s == data_args.train_split, input_columns="split")
-        eval_splits = {name.strip() for name in data_args.eval_split.split(",")}
-        eval_set = cohort.filter(lambda s: s in eval_splits, input_columns="split")
-    else:
-        split = cohort.train_test_split(test_size=0.15, seed=args.seed)
-        train_set, eval_set = split["train"], split["test"]
-    if len(train_set) == 0:
-        raise ValueError(f"{data_args.manifest}: the '{data_args.train_split}' split has no case.")
-    model, processor = build_processor_and_model(model_args, data_args, list(train_set["report"]))
-    width = _feature_width(train_set)
-    if width != model.config.aggregator_config.input_dim:
+    cohort = load_cohort(data_args.manifest, check_files=False, clean_reports=data_args.clean_reports)
+    train_set, eval_set, split_source = cohort_splits(cohort, data_args.train_split, data_args.eval_split, args.seed,
+                                                      data_args.manifest)
+    global_batch = args.per_device_train_batch_size * accelerator.num_processes
+    if global_batch < 2:
         raise ValueError(
-            f"{data_args.manifest}: the features are {width}-d but the aggregator takes "
-            f"{model.config.aggregator_config.input_dim}-d features (wrong encoder or checkpoint?)."
-        )
+            f"--per_device_train_batch_size {args.per_device_train_batch_size} on {accelerator.num_processes} "
+            "process(es) gives a global batch of 1: InfoNCE and the triplet loss need at least 2 cases per step "
+            "(every step would have loss 0).")
+    with no_zero3_init():
+        model, processor = build_processor_and_model(model_args, data_args, list(train_set["report"]))
+    width = model.config.aggregator_config.input_dim
+    checks = dict(feature_dim=width, gene_vocab=processor.gene_vocab, progress=not args.quiet)
+    train_set = checked_cohort(accelerator, train_set, manifest=data_args.manifest, skip_bad_cases=args.skip_bad_cases,
+                               output_dir=args.output_dir, **checks)
+    if len(eval_set):
+        eval_set = checked_cohort(accelerator, eval_set, manifest=data_args.manifest,
+                                  skip_bad_cases=args.skip_bad_cases, output_dir=str(output_dir / "eval_check"), **checks)
+    if len(train_set) < global_batch:
+        raise ValueError(f"{data_args.manifest}: {len(train_set)} training case(s), fewer than one global batch "
+                         f"({global_batch}); lower --per_device_train_batch_size.")
+    if processor.tokenizer is not None:
+        from ..data.report_cleaning import warn_report_truncation
+
+        warn_report_truncation([r for r in train_set["report"] if r], processor.tokenizer, data_args.max_report_length,
+                               source=f"{data_args.manifest} (training reports)", cleaned=data_args.clean_reports)
+    accelerator.print(f"Stage 1 data: {len(train_set)} training slide(s), {len(eval_set)} held-out ({split_source})")
 
     # Stage 1 trains on precomputed features: the patch encoder and the Stage 2 head stay fixed.
     for module in (model.patch_model, model.patch_projection):
@@ -227,10 +248,13 @@ def run_stage1(model_args: Stage1ModelArguments, data_args: Stage1DataArguments,
         model.text_model.activation_checkpointing_enable()
         model.aggregator.activation_checkpointing_enable()
 
+    # drop_last: a short last batch (one case) would make steps whose contrastive/triplet loss is 0
     train_loader, train_dataset = make_loader(train_set, processor, data_args, args.per_device_train_batch_size,
-                                              args.seed, True, width, args.dataloader_num_workers)
-    eval_loader, _ = make_loader(eval_set if len(eval_set) else train_set, processor, data_args,
-                                 args.per_device_eval_batch_size, args.seed, False, width, 0)
+                                              args.seed, True, width, args.dataloader_num_workers, drop_last=True)
+    eval_loader = None
+    if len(eval_set):
+        eval_loader, _ = make_loader(eval_set, processor, data_args, args.per_device_eval_batch_size, args.seed, False,
+                                     width, 0)
     text_params = {id(p) for p in model.text_model.parameters()}
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(model, args, [(n, p) for n, p in named if id(p) not in text_params])
@@ -240,96 +264,101 @@ def run_stage1(model_args: Stage1ModelArguments, data_args: Stage1DataArguments,
     elif not model_args.freeze_text_encoder:
         optimizer.add_param_group({"params": [p for n, p in named if id(p) in text_params],
                                    "weight_decay": args.weight_decay})
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
-                              num_training_steps=args.max_train_steps)
+    # optimizer steps per epoch and process, as the prepared loader will give them
+    # (drop_last batches, handed out round-robin; Accelerate evens the processes' counts up)
+    batches = len(train_set) // args.per_device_train_batch_size
+    updates_per_epoch = max(1, math.ceil(batches / accelerator.num_processes) // args.gradient_accumulation_steps)
+    max_steps = resolve_max_train_steps(args.max_train_steps, args.num_train_epochs, updates_per_epoch)
+    scheduler = build_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, max_steps,
+                                accelerator.num_processes)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     engine = type(model).__name__
 
-    completed = 0
-    checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if checkpoint is not None:
-        accelerator.print(f"resuming from {checkpoint}")
-        accelerator.load_state(str(checkpoint))
-        completed = checkpoint_step(checkpoint)
-    loss_log = LossLog(args.output_dir, enabled=accelerator.is_main_process,
-                       resume_step=completed if checkpoint is not None else None)
+    loop = TrainingLoop(accelerator, args, "stage 1", max_steps, updates_per_epoch)
+    completed = loop.resume()
 
-    unwrapped = accelerator.unwrap_model(model)
-    before = retrieval_metrics(embed_cohort(unwrapped, eval_loader, accelerator.device)) if completed == 0 else None
+    def evaluate():
+        if eval_loader is None:
+            return None, None
+        embeds = embed_cohort(accelerator.unwrap_model(model), eval_loader, accelerator.device)
+        return retrieval_metrics(embeds), retrieval_metrics_by_case(embeds, embeds["case_index"])
 
-    progress = tqdm(total=args.max_train_steps, initial=completed, disable=args.quiet or not accelerator.is_local_main_process,
-                    desc="stage 1")
+    before = evaluate()[0] if completed == 0 else None
+
     model.train()
     history = []
-    batches = resumable_batches(accelerator, train_loader, train_dataset, completed, args.max_train_steps,
+    batches = resumable_batches(accelerator, train_loader, train_dataset, completed, max_steps,
                                 args.gradient_accumulation_steps)
     for batch in batches:
         batch.pop("case_id", None)
         # dropout draws depend only on (seed, step, rank): a resumed run repeats them exactly
-        torch.manual_seed(args.seed * 1_000_003 + completed * 101 + accelerator.process_index)
+        torch.manual_seed(args.seed * 1_000_003 + loop.completed * 101 + accelerator.process_index)
         with accelerator.accumulate(model):
             out = model(**batch, return_loss=True)
-            accelerator.backward(out.loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-        if not accelerator.sync_gradients:
+            loop.backward_and_step(model, optimizer, scheduler, out.loss)
+        if not loop.end_step(loss=out.loss, contrastive=out.contrastive_loss, triplet=out.triplet_loss):
             continue
-        completed += 1
-        progress.update(1)
-        losses = {
-            "loss": accelerator.reduce(out.loss.detach(), "mean").item(),
-            "contrastive": accelerator.reduce(out.contrastive_loss.detach(), "mean").item(),
-            "triplet": accelerator.reduce(out.triplet_loss.detach(), "mean").item(),
-        }
-        history.append(losses["loss"])
-        if completed % args.logging_steps == 0:
-            loss_log.log(completed, **losses)
-            progress.set_postfix(loss=f"{losses['loss']:.3f}")
+        history.append(loop.last["loss"])
+        if args.eval_steps and loop.completed % args.eval_steps == 0 and not loop.done and eval_loader is not None:
+            metrics = evaluate()[0]
             if args.with_tracking:
-                accelerator.log({f"train/{k}": v for k, v in losses.items()}
-                                | {"train/lr": scheduler.get_last_lr()[0]}, step=completed)
-        if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args.output_dir, completed, {"loss": losses["loss"]})
-        if args.eval_steps and completed % args.eval_steps == 0 and completed < args.max_train_steps:
-            metrics = retrieval_metrics(embed_cohort(accelerator.unwrap_model(model), eval_loader, accelerator.device))
-            if args.with_tracking:
-                accelerator.log({f"eval/{d}/{k}": v for d, r in metrics.items() for k, v in r.items()}, step=completed)
-        if completed >= args.max_train_steps:
+                accelerator.log({f"eval/{d}/{k}": v for d, r in metrics.items() for k, v in r.items()},
+                                step=loop.completed)
+        if loop.done:
             break
-    progress.close()
+    loop.finish("mSTAR Stage 1")
 
+    # Save first: the trained model must survive any failure of the evaluation below.
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    after = retrieval_metrics(embed_cohort(unwrapped, eval_loader, accelerator.device))
     checksum = sum(float(p.detach().double().sum()) for p in unwrapped.parameters())
     state_dict = accelerator.get_state_dict(model)
-    results = {
-        "engine": engine,
-        "num_processes": accelerator.num_processes,
-        "steps": completed,
-        "retrieval_before": before,
-        "retrieval": after,
-        "first_losses": history[:5],
-        "last_losses": history[-5:],
-    }
     # every rank writes its weight checksum: DDP/ZeRO replicas must agree
     (output_dir / f"weights_checksum_rank{accelerator.process_index}.json").write_text(json.dumps({"checksum": checksum}))
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         processor.save_pretrained(output_dir)
-        loss_log.plot(output_dir / "loss_curve.png", "mSTAR Stage 1")
-        table = retrieval_table(after)
-        (output_dir / "retrieval.md").write_text("# Held-out cross-modal retrieval\n\n" + table + "\n")
-        (output_dir / "stage1_results.json").write_text(json.dumps(results, indent=2))
         write_training_args(output_dir, model_args, data_args, args, extra={"stage": "stage1"})
-        write_eval_results(output_dir, [
-            {"task": "retrieval", "metric": "recall@1", "name": f"{d} R@1", "value": r["R@1"],
-             "dataset": Path(data_args.manifest).parent.name}
-            for d, r in after.items()
-        ])
+
+    results = {
+        "engine": engine,
+        "num_processes": accelerator.num_processes,
+        "steps": loop.completed,
+        "max_train_steps": max_steps,
+        "train_cases": len(set(train_set["case_id"])),
+        "train_slides": len(train_set),
+        "eval_cases": len(set(eval_set["case_id"])),
+        "eval_slides": len(eval_set),
+        "split_source": split_source,
+        "retrieval_before": before,
+        "retrieval": None,
+        "retrieval_by_case": None,
+        "first_losses": history[:5],
+        "last_losses": history[-5:],
+    }
+    try:
+        after, by_case = evaluate()
+        results.update(retrieval=after, retrieval_by_case=by_case)
+    except Exception as err:  # noqa: BLE001 - the model is saved; report the failed evaluation and go on
+        logger.exception("held-out evaluation failed (the trained model is saved in %s)", output_dir)
+        results["evaluation_error"] = f"{type(err).__name__}: {err}"
+    if accelerator.is_main_process:
+        dataset_name = Path(data_args.manifest).parent.name
+        if results["retrieval"] is None:
+            reason = results.get("evaluation_error") or f"no held-out set ({split_source})"
+            table = f"No held-out evaluation: {reason}."
+            evals = []
+        else:
+            table = retrieval_table(results["retrieval"])
+            if results["retrieval_by_case"]:
+                table += "\n\nPer patient case (slides of a case averaged):\n\n" + retrieval_table(results["retrieval_by_case"])
+            evals = [{"task": "retrieval", "metric": "recall@1", "name": f"{d} R@1", "value": r["R@1"],
+                      "dataset": dataset_name, "split": data_args.eval_split}
+                     for d, r in results["retrieval"].items()]
+        (output_dir / "retrieval.md").write_text(
+            f"# Held-out cross-modal retrieval\n\n{len(eval_set)} held-out slide(s); {split_source}.\n\n{table}\n")
+        (output_dir / "stage1_results.json").write_text(json.dumps(results, indent=2))
+        write_eval_results(output_dir, evals)
         accelerator.print(table)
         if args.push_to_hub:
             push_to_hub(output_dir, args, "mSTAR Stage 1: multimodal slide aggregator")
@@ -337,11 +366,30 @@ def run_stage1(model_args: Stage1ModelArguments, data_args: Stage1DataArguments,
     return results
 
 
+def main(argv=None) -> int:
+    """`training/stage1.py`: parses the flags (or one JSON file) and runs Stage 1."""
+    import sys
+
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((Stage1ModelArguments, Stage1DataArguments, Stage1TrainingArguments))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(argv[0])
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    if not data_args.manifest:
+        parser.error("--manifest is required")
+    run_stage1(model_args, data_args, training_args)
+    return 0
+
+
 __all__ = [
     "Stage1DataArguments",
     "Stage1ModelArguments",
     "Stage1TrainingArguments",
     "embed_cohort",
+    "main",
     "retrieval_metrics",
     "run_stage1",
 ]

@@ -1,234 +1,510 @@
-"""Stage 2 (self-taught training of the patch encoder): the student, the teacher targets from the memory,
-the losses and one step's forward, shared by `training/stage2.py`, its bench and its tests.
+"""mSTAR Stage 2: self-taught training of the patch encoder (in the style of transformers'
+`examples/pytorch/*/run_*_no_trainer.py`).
 
-One step on a batch of tiles of a few slides:
+The frozen Stage 1 aggregator teaches the patch encoder: every step samples a few slides and a few patches
+of each, reads those tiles from the whole-slide images (DataLoader workers), embeds them with the EMA
+encoder (the features overwrite the patches' rows of a per-slide memory that started as the Stage 1
+feature files), re-embeds each sampled slide from its memory with the aggregator (whole-slide context) and
+regresses the student's projected features onto the re-embedded ones, plus an EMA consistency term.
+See `mstar_hf.training_utils.stage2` for the step and the mSTAR paper (arXiv 2407.15362, Methods) for the method.
 
-1. the EMA encoder embeds the tiles (no grad) -> those features overwrite the tiles' memory rows;
-2. the frozen Stage 1 aggregator re-embeds each sampled slide from its memory (all rows, or at most
-   `context_size` rows that always include the sampled ones, in the slide's order) -> the targets are
-   its `patch_embeds` at the sampled rows (no grad);
-3. the student (patch encoder + `patch_projection`) embeds the tiles; the loss is the distance of its
-   projected feature to the target (`cosine` or `smooth_l1`) plus `consistency_weight` x (1 - cosine of
-   its encoder feature with the EMA feature of step 1): the one EMA forward serves both.
+    accelerate launch training/stage2.py \
+        --stage1_model runs/stage1/final --manifest cohort/manifest.csv --output_dir runs/stage2 \
+        --max_train_steps 2000 --slides_per_step 4 --per_device_train_batch_size 64 \
+        --checkpointing_steps 200 --dataloader_num_workers 4
+
+    # bf16 + DeepSpeed ZeRO-2 on 4 GPUs (ZeRO-3 with CPU offload: accelerate_zero3_offload.yaml)
+    accelerate launch --config_file training/configs/accelerate_zero2.yaml training/stage2.py ... \
+        --gradient_checkpointing
+
+Outputs in `--output_dir`: checkpoint-N/ (save_state + the EMA weights and the memory bank under
+stage2/), loss_log.jsonl, loss_curve.png, failures.csv (slides skipped and why), run_info.json,
+stage2_results.json and eval_results.json (held-out student-teacher cosine before and after training),
+patch_encoder/ (the new `MStarPatchModel` + image processor) and mstar_model/ (the Stage 1 `MStarModel`
+with that patch encoder and the trained `patch_projection`).
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+import csv
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .memory_bank import PatchMemoryBank
+from .common import (
+    CommonTrainingArguments,
+    build_optimizer,
+    checkpoint_step,
+    find_checkpoint,
+    is_deepspeed,
+    make_accelerator,
+    no_zero3_init,
+    push_to_hub,
+    write_eval_results,
+    write_training_args,
+)
+from .augment import HEAugment
+from .loop import TrainingLoop, build_scheduler, resolve_max_train_steps
+from .ema import EMAModel
+from .memory_bank import DTYPES, PatchMemoryBank, bytes_per_patch
+from .stage2_step import (
+    LOSSES,
+    MemoryTeacher,
+    ReusableAutocast,
+    Stage2Student,
+    evaluate_student_teacher,
+    resolve_no_grad_precision,
+    stage2_forward,
+)
+from .stage2_data import (
+    FAILURE_FIELDS,
+    PatchListDataset,
+    Stage2StepDataset,
+    choose_eval_patches,
+    make_loader,
+    prepare_slides,
+)
 
-LOSSES = ("cosine", "smooth_l1")
-EVAL_STEP = 2**31 - 1  # seeds the evaluation's context draws (training steps never reach it)
+logger = logging.getLogger("mstar_stage2")
 
-
-class Stage2Student(nn.Module):
-    """Patch encoder + projection into the aggregator's token space: `forward(pixel_values)` ->
-    (encoder features [B, D], projected features [B, H])."""
-
-    def __init__(self, patch_model: nn.Module, patch_projection: nn.Linear):
-        super().__init__()
-        self.patch_model = patch_model
-        self.patch_projection = patch_projection
-
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # DeepSpeed bf16 keeps bf16 weights and does not cast inputs
-        dtype = next(self.patch_model.parameters()).dtype
-        features = self.patch_model(pixel_values=pixel_values.to(dtype)).pooler_output
-        return features, self.patch_projection(features)
-
-
-def distillation_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
-    """Student projected features vs teacher targets, both [B, H]."""
-    pred, target = pred.float(), target.float()
-    if kind == "cosine":
-        return (1.0 - F.cosine_similarity(pred, target, dim=-1)).mean()
-    if kind == "smooth_l1":
-        return F.smooth_l1_loss(pred, target)
-    raise ValueError(f"--loss must be one of {LOSSES}, got {kind!r}.")
-
-
-def consistency_loss(student_features: torch.Tensor, ema_features: torch.Tensor) -> torch.Tensor:
-    """1 - cosine(student encoder feature, EMA encoder feature), mean over the batch."""
-    return (1.0 - F.cosine_similarity(student_features.float(), ema_features.float(), dim=-1)).mean()
-
-
-def context_rows(count: int, sampled: np.ndarray, context_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted rows of a slide given to the aggregator: all of them when they fit in `context_size`, else
-    the sampled rows plus a random draw of the others up to `context_size`."""
-    if context_size <= 0 or count <= context_size:
-        return np.arange(count)
-    sampled = np.unique(sampled)
-    if len(sampled) >= context_size:
-        return sampled
-    mask = np.ones(count, dtype=bool)
-    mask[sampled] = False
-    others = rng.choice(np.flatnonzero(mask), size=context_size - len(sampled), replace=False)
-    return np.sort(np.concatenate([sampled, others]))
-
-
-class ReusableAutocast:
-    """`torch.autocast` that can be entered again and again (a fresh autocast per `with`), for the
-    no-grad branches: `with ctx: ...` several times per step."""
-
-    DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-    def __init__(self, device_type: str, precision: str):
-        if precision not in self.DTYPES:
-            raise ValueError(f"precision must be one of {sorted(self.DTYPES)}, got {precision!r}.")
-        self.device_type, self.dtype = device_type, self.DTYPES[precision]
-        self._stack = []
-
-    def __enter__(self):
-        ctx = torch.autocast(device_type=self.device_type, dtype=self.dtype)
-        self._stack.append(ctx)
-        return ctx.__enter__()
-
-    def __exit__(self, *exc):
-        return self._stack.pop().__exit__(*exc)
-
-
-def bf16_is_fast(device) -> bool:
-    """bf16 matmuls run faster than fp32 here: a CUDA GPU with bf16, or a CPU with AMX tiles."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        return bool(amx is not None and amx())
-    return False
-
-
-def resolve_no_grad_precision(requested: str, mixed_precision: str, device) -> str:
-    """Precision of the no-grad branches (EMA forward, teacher): 'fp32', 'bf16' or 'fp16'.
-
-    'auto': the run's mixed precision when it has one, else bf16 where bf16 is fast, else fp32. These
-    branches only produce memory features and regression targets, and bf16 rounding (about 0.4% per
-    value) is far below what the losses resolve; in fp32 their forward passes would cost more than a
-    third of the student's forward+backward.
-    """
-    if requested != "auto":
-        return requested
-    if mixed_precision in ("bf16", "fp16"):
-        return mixed_precision
-    return "bf16" if bf16_is_fast(device) else "fp32"
-
-
-class MemoryTeacher:
-    """The frozen Stage 1 aggregator reading slides from the memory bank."""
-
-    def __init__(self, aggregator: nn.Module, memory: PatchMemoryBank, context_size: int = 4096, seed: int = 0):
-        if aggregator.config.input_dim != memory.dim:
-            raise ValueError(f"the memory bank {memory.folder} holds {memory.dim}-d features but the aggregator takes "
-                             f"{aggregator.config.input_dim}-d ones.")
-        self.aggregator = aggregator.eval().requires_grad_(False)
-        self.memory = memory
-        self.context_size = int(context_size)
-        self.seed = int(seed)
-
-    def targets(self, slide: torch.Tensor, row: torch.Tensor, step: int, device, autocast=None) -> torch.Tensor:
-        """Re-embedded features [n, H] (float32) of the patches (slide[i], row[i]) from the slides' current
-        memory, in the same order. All slides of the batch run in one aggregator call (a mask marks each
-        slide's real rows; the aggregator computes every slide on its own rows). Runs in inference mode;
-        the result is a normal tensor, usable as a loss target."""
-        return self._targets(slide, row, step, device, autocast).clone()
-
-    @torch.inference_mode()
-    def _targets(self, slide, row, step, device, autocast):
-        slide_np, row_np = slide.cpu().numpy(), row.cpu().numpy()
-        uniq = list(dict.fromkeys(slide_np.tolist()))
-        blocks, where = [], np.zeros(len(row_np), dtype=np.int64)
-        for b, s in enumerate(uniq):
-            sel = np.flatnonzero(slide_np == s)
-            rng = np.random.default_rng([self.seed, step, s, 7])
-            ctx = context_rows(self.memory.slides[s].count, row_np[sel], self.context_size, rng)
-            blocks.append(self.memory.read(s, ctx))
-            where[sel] = np.searchsorted(ctx, row_np[sel])
-        width = max(len(x) for x in blocks)
-        feats = np.zeros((len(blocks), width, self.memory.dim), dtype=np.float32)
-        mask = np.zeros((len(blocks), width), dtype=bool)
-        for b, x in enumerate(blocks):
-            feats[b, :len(x)], mask[b, :len(x)] = x, True
-        feats_t = torch.from_numpy(feats).to(device, non_blocking=True)
-        mask_t = torch.from_numpy(mask).to(device, non_blocking=True)
-        with autocast if autocast is not None else contextlib.nullcontext():
-            patch_embeds = self.aggregator(feats_t, attention_mask=None if mask.all() else mask_t).patch_embeds
-        batch_index = torch.as_tensor([uniq.index(s) for s in slide_np.tolist()], device=device)
-        return patch_embeds[batch_index, torch.as_tensor(where, device=device)].float()
+STATE_DIR = "stage2"  # inside a checkpoint: ema.safetensors and memory/
+EMA_FILE = "ema.safetensors"
 
 
 @dataclass
-class Stage2StepOutput:
-    loss: torch.Tensor
-    distill_loss: torch.Tensor
-    consistency_loss: torch.Tensor
-    student_features: torch.Tensor
-    ema_features: torch.Tensor
-    targets: torch.Tensor
+class Stage2Arguments:
+    """Stage 2 inputs and method settings (the shared training flags are in `CommonTrainingArguments`)."""
+
+    stage1_model: str = field(metadata={"help": "Stage 1 `MStarModel` folder (save_pretrained) or Hub id: its "
+                                                "aggregator is the frozen teacher, its patch model the student's start."})
+    manifest: str = field(metadata={"help": "Cohort manifest (slide_path and features_path per slide; the "
+                                            "features h5 are the Stage 1 features, the memory's initial rows)."})
+    image_processor: str | None = field(default=None, metadata={
+        "help": "Image processor folder (default: the Stage 1 folder's, else MStarImageProcessor: 224, ImageNet)."})
+    train_split: str = field(default="train", metadata={
+        "aliases": ["--train_splits"],
+        "help": "Comma-separated manifest splits to train on; 'all' = every slide not in --eval_split."})
+    eval_split: str = field(default="val,test", metadata={
+        "aliases": ["--eval_splits"],
+        "help": "Splits whose slides give the held-out evaluation patches; without such slides, "
+                "--eval_holdout_fraction of every training slide's patches is held out instead."})
+    eval_holdout_fraction: float = field(default=0.1)
+    max_eval_patches: int = field(default=512, metadata={"help": "Held-out patches evaluated (0: no evaluation)."})
+    slides_per_step: int = field(default=4, metadata={"help": "Slides sampled per step and process."})
+    patches_per_slide: int | None = field(default=None, metadata={
+        "help": "Patches per sampled slide (default: per_device_train_batch_size // slides_per_step)."})
+    context_size: int = field(default=4096, metadata={
+        "help": "Most memory rows the aggregator sees per slide (always including the sampled ones); 0: all."})
+    loss: str = field(default="cosine", metadata={"help": f"Student-teacher regression loss: {' | '.join(LOSSES)}."})
+    ema_consistency_weight: float = field(default=0.6, metadata={"help": "Weight of the EMA consistency term."})
+    ema_momentum: float = field(default=0.996, metadata={"help": "EMA momentum (per optimizer step)."})
+    no_grad_precision: str = field(default="auto", metadata={
+        "help": "Precision of the no-grad branches (EMA forward, teacher re-embedding): fp32, bf16, fp16, or "
+                "auto = the run's mixed precision if any, else bf16 where bf16 is fast (CUDA, CPUs with AMX), "
+                "else fp32. The student always trains in the run's precision."})
+    augment: bool = field(default=True, metadata={"help": "H&E augmentation: flips, 90-degree turns, colour jitter."})
+    color_jitter: float = field(default=0.05, metadata={"help": "Max relative brightness/contrast/saturation change."})
+    hue_jitter: float = field(default=0.02, metadata={"help": "Max hue shift (fraction of the hue circle)."})
+    memory_dir: str | None = field(default=None, metadata={"help": "Working memory bank (default output_dir/memory)."})
+    memory_dtype: str = field(default="float32", metadata={"help": f"Memory storage: {' | '.join(DTYPES)}."})
+    final_weights: str = field(default="student", metadata={"help": "Saved encoder: 'student' or its 'ema' copy."})
+    hub_mstar_model_id: str | None = field(default=None, metadata={
+        "help": "With --push_to_hub, also push mstar_model/ here (patch_encoder/ goes to --hub_model_id)."})
 
 
-def ema_features_to_memory(ema, memory: PatchMemoryBank, pixel_values: torch.Tensor, slide: torch.Tensor,
-                           row: torch.Tensor, autocast=None) -> torch.Tensor:
-    """EMA encoder features of the batch [n, D] (float32, no grad), written into their memory rows."""
-    with torch.inference_mode(), autocast if autocast is not None else contextlib.nullcontext():
-        ema_features = ema(pixel_values=pixel_values).pooler_output.float()
-    ema_features = ema_features.clone()  # out of inference mode: the consistency loss keeps it for backward
-    values = ema_features.cpu().numpy()
-    slide_np, row_np = slide.cpu().numpy(), row.cpu().numpy()
-    for s in np.unique(slide_np):
-        sel = slide_np == s
-        memory.write(int(s), row_np[sel], values[sel])
-    return ema_features
+def parse_args(argv=None):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((Stage2Arguments, CommonTrainingArguments))
+    s2, args = parser.parse_args_into_dataclasses(args=argv)
+    if s2.loss not in LOSSES:
+        parser.error(f"--loss must be one of {LOSSES}, got {s2.loss!r}")
+    if s2.final_weights not in ("student", "ema"):
+        parser.error(f"--final_weights must be 'student' or 'ema', got {s2.final_weights!r}")
+    if s2.memory_dtype not in DTYPES:
+        parser.error(f"--memory_dtype must be one of {DTYPES}, got {s2.memory_dtype!r}")
+    if s2.no_grad_precision not in ("auto", "fp32", "bf16", "fp16"):
+        parser.error(f"--no_grad_precision must be auto, fp32, bf16 or fp16, got {s2.no_grad_precision!r}")
+    if s2.slides_per_step < 1:
+        parser.error("--slides_per_step must be >= 1")
+    if s2.patches_per_slide is None:
+        s2.patches_per_slide = max(1, args.per_device_train_batch_size // s2.slides_per_step)
+    return s2, args
 
 
-def stage2_forward(student, ema, teacher: MemoryTeacher, batch: dict, loss_kind: str = "cosine",
-                   consistency_weight: float = 0.6, autocast=None, device=None) -> Stage2StepOutput:
-    """The losses of one Stage 2 micro-batch (backward is the caller's; the memory is updated here)."""
-    pixel_values = batch["pixel_values"]
-    device = device if device is not None else pixel_values.device
-    ema_features = ema_features_to_memory(ema, teacher.memory, pixel_values, batch["slide"], batch["row"], autocast)
-    targets = teacher.targets(batch["slide"], batch["row"], int(batch["step"]), device, autocast)
-    student_features, projected = student(pixel_values)
-    distill = distillation_loss(projected, targets, loss_kind)
-    consistency = consistency_loss(student_features, ema_features)
-    loss = distill + consistency_weight * consistency
-    return Stage2StepOutput(loss, distill, consistency, student_features, ema_features, targets)
+# -- loading -----------------------------------------------------------------------------------------
+def load_stage1(path: str):
+    """The Stage 1 `MStarModel`, after checking that its aggregator reads what its patch encoder gives."""
+    from ..modeling import MStarConfig, MStarModel
+
+    where = Path(path) / "config.json" if Path(path).is_dir() else path
+    try:
+        config = MStarConfig.from_pretrained(path)
+    except Exception as e:
+        raise ValueError(f"{where}: cannot load the Stage 1 model config ({e}).") from None
+    patch_width = config.patch_config.hidden_size
+    if patch_width is None:  # not stored: ask timm (a model with random weights, never downloaded)
+        from ..modeling import MStarPatchModel
+
+        patch_width = MStarPatchModel(config.patch_config).config.hidden_size
+    if patch_width != config.aggregator_config.input_dim:
+        raise ValueError(
+            f"{where}: the Stage 1 aggregator takes {config.aggregator_config.input_dim}-d patch features but the "
+            f"patch encoder gives {patch_width}-d ones; Stage 2 needs a patch encoder whose features the "
+            f"aggregator reads (the encoder the Stage 1 features were extracted with)."
+        )
+    try:
+        return MStarModel.from_pretrained(path, dtype=torch.float32)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
-@torch.no_grad()
-def evaluate_student_teacher(student, teacher: MemoryTeacher, loader, device, prepare=None, autocast=None) -> dict:
-    """Mean cosine between the student's projected feature and the teacher's re-embedded feature over the
-    loader's patches (held-out). `prepare(batch)` moves/normalises pixel values. Returns sum, count."""
-    total, count = 0.0, 0
+def load_image_processor(path: str | None):
+    from transformers import AutoImageProcessor
+
+    from ..modeling import MStarImageProcessor
+
+    if path is not None:
+        try:
+            return AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError):
+            pass
+    return MStarImageProcessor()
+
+
+def cohort_records(manifest: str) -> list[dict]:
+    from ..data import load_cohort
+
+    ds = load_cohort(manifest, check_files=False)
+    from ..data.cases import check_case_splits
+
+    records = [{"case_id": r["case_id"], "slide_id": r["slide_id"], "slide_path": r.get("slide_path"),
+                "features_path": r["features_path"], "split": r.get("split")} for r in ds]
+    # one patient never on both sides (held-out patches come from the held-out splits' slides)
+    splits = check_case_splits([r["case_id"] for r in records], [r["split"] for r in records],
+                               source=f"manifest {manifest!r}")
+    for record, split in zip(records, splits):
+        record["split"] = split
+    return records
+
+
+def _split_set(value: str) -> set[str]:
+    return {s.strip() for s in (value or "").split(",") if s.strip()}
+
+
+def append_failures(path: Path, rows: list[dict]):
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, FAILURE_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def no_grad_autocast(accelerator, requested: str):
+    """(autocast context or None, precision) for the no-grad branches (EMA forward, teacher); the
+    student's own forward gets its precision from Accelerate / DeepSpeed."""
+    precision = resolve_no_grad_precision(requested, str(accelerator.mixed_precision), accelerator.device)
+    if precision == "fp32":
+        return None, precision
+    return ReusableAutocast(accelerator.device.type, precision), precision
+
+
+# -- main --------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    s2, args = parse_args(argv)
+    accelerator = make_accelerator(args, "mstar_stage2")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_warning()
+    from ..wsi.extraction import PatchTransform
+
+    out = Path(args.output_dir)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    resume = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    starting_step = checkpoint_step(resume) if resume is not None else 0
+
+    # Models: the frozen teacher and the student's start. Built whole even under ZeRO-3: the teacher and
+    # the EMA copy stay outside the engine, which partitions the student itself.
+    with no_zero3_init():
+        stage1 = load_stage1(s2.stage1_model)
+    image_processor = load_image_processor(s2.image_processor or s2.stage1_model)
+    width = stage1.aggregator.config.input_dim
+    student = Stage2Student(stage1.patch_model, stage1.patch_projection)
+    aggregator = stage1.aggregator
+    del stage1  # the text and RNA encoders are not needed
+
+    # The memory bank: seeded from the feature files, or the checkpoint's copy when resuming.
+    memory_dir = Path(s2.memory_dir) if s2.memory_dir else out / "memory"
+    failures_csv = out / "failures.csv"
+    if accelerator.is_main_process:
+        if resume is not None:
+            PatchMemoryBank.restore(resume / STATE_DIR / "memory", memory_dir)
+            logger.info("resuming from %s (step %d): memory bank restored into %s", resume, starting_step, memory_dir)
+        else:
+            usable, failures = prepare_slides(cohort_records(s2.manifest), width, progress=not args.quiet)
+            failures_csv.unlink(missing_ok=True)
+            append_failures(failures_csv, failures)
+            if failures and not args.skip_bad_cases:
+                listed = "\n".join(f"  {row['slide'] or row['features']}: {row['reason']}" for row in failures[:50])
+                raise SystemExit(f"{s2.manifest}: {len(failures)} bad slide(s), nothing was trained (fix them, or pass "
+                                 f"--skip_bad_cases true to leave them out; all are listed in {failures_csv}):\n{listed}")
+            for row in failures:
+                logger.warning("skipping slide: %s", row["reason"])
+            if not usable:
+                raise SystemExit(f"{s2.manifest}: no usable slide for Stage 2 (see {failures_csv}).")
+            PatchMemoryBank.build(memory_dir, usable, dtype=s2.memory_dtype,
+                                  progress=not args.quiet)
+    accelerator.wait_for_everyone()
+    memory = PatchMemoryBank(memory_dir)
+    per_10k = bytes_per_patch(memory.dim, memory.dtype) * 10_000 / 2**20
+    logger.info("memory bank: %d slides, %d patches, %.1f MiB on disk (%.2f MiB per 10k patches)",
+                len(memory), memory.num_rows, memory.nbytes / 2**20, per_10k)
+
+    # Which slides train, which give held-out patches; each process owns a disjoint set of training slides.
+    eval_split_names = _split_set(s2.eval_split)
+    train_split_names = _split_set(s2.train_split)
+    eval_slides = [i for i, s in enumerate(memory.slides) if s.split in eval_split_names]
+    if not train_split_names or train_split_names == {"all"}:
+        train_slides = [i for i, s in enumerate(memory.slides) if s.split not in eval_split_names]
+    else:
+        train_slides = [i for i, s in enumerate(memory.slides) if s.split in train_split_names]
+    if not train_slides:
+        raise SystemExit(f"{s2.manifest}: no usable slide in the training splits {sorted(train_split_names)}.")
+    my_slides = train_slides[rank::world]
+    if not my_slides:
+        raise SystemExit(f"{world} processes but only {len(train_slides)} training slides: each process needs one.")
+    held = choose_eval_patches(memory.slides, eval_slides, train_slides, s2.max_eval_patches, s2.eval_holdout_fraction,
+                               args.seed, max_per_slide=s2.context_size // 2 if s2.context_size > 0 else None)
+    eval_source = (f"slides of splits {sorted(eval_split_names)}" if eval_slides
+                   else f"{s2.eval_holdout_fraction:g} of the training slides' patches (never trained on)")
+
+    # Student, EMA (copied before checkpointing is switched on: it never runs backward), optimizer.
+    ema = EMAModel(student.patch_model, s2.ema_momentum)
+    if args.gradient_checkpointing:
+        enable = getattr(student.patch_model, "activation_checkpointing_enable", None) or \
+            student.patch_model.gradient_checkpointing_enable
+        enable()
+    optimizer = build_optimizer(student, args)
+    # an epoch: every training slide sampled once (per process: its own slides, slides_per_step at a time)
+    updates_per_epoch = max(1, math.ceil(len(my_slides) / s2.slides_per_step) // args.gradient_accumulation_steps)
+    max_steps = resolve_max_train_steps(args.max_train_steps, args.num_train_epochs, updates_per_epoch)
+    scheduler = build_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, max_steps, world)
+    images_per_step = s2.slides_per_step * s2.patches_per_slide
+    if is_deepspeed(accelerator):
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            ds_config["train_micro_batch_size_per_gpu"] = images_per_step  # no prepared DataLoader tells it
+    model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    ema.to(device)
+    aggregator.to(device)
+    teacher = MemoryTeacher(aggregator, memory, s2.context_size, args.seed)
+    autocast, no_grad_precision = no_grad_autocast(accelerator, s2.no_grad_precision)
+
+    engine = f"{type(model).__module__}.{type(model).__name__}"
+    is_ds_engine = False
+    if is_deepspeed(accelerator):
+        import deepspeed
+
+        is_ds_engine = isinstance(model, deepspeed.DeepSpeedEngine)
+        logger.info("student wrapped by %s (DeepSpeedEngine: %s, ZeRO stage %s)", engine, is_ds_engine,
+                    model.zero_optimization_stage() if is_ds_engine else None)
+    if accelerator.is_main_process:
+        (out / "run_info.json").write_text(json.dumps({
+            "engine": engine, "is_deepspeed_engine": is_ds_engine,
+            "zero_stage": model.zero_optimization_stage() if is_ds_engine else None,
+            "num_processes": world, "mixed_precision": str(accelerator.mixed_precision), "device": str(device),
+            "memory_slides": len(memory), "memory_patches": memory.num_rows, "memory_mib_per_10k_patches": per_10k,
+            "train_slides": len(train_slides), "eval_patches": held.num_patches, "eval_source": eval_source,
+            "images_per_step": images_per_step, "no_grad_precision": no_grad_precision,
+        }, indent=2))
+        write_training_args(out, s2, args)
+
+    # The EMA weights and the memory travel inside every checkpoint (written before it is renamed final).
+    def save_stage2_state(_models, _weights, output_dir):
+        if accelerator.is_main_process:
+            state = Path(output_dir) / STATE_DIR
+            state.mkdir(parents=True, exist_ok=True)
+            ema.save(state / EMA_FILE)
+            memory.save_to(state / "memory")
+
+    accelerator.register_save_state_pre_hook(save_stage2_state)
+    loop = TrainingLoop(accelerator, args, "stage 2", max_steps, updates_per_epoch)
+    loop.resume(str(resume) if resume is not None else "")
+    if resume is not None:
+        ema.load(resume / STATE_DIR / EMA_FILE)
+
+    # Tiles: workers read, resize (and augment); on CPU they also normalise, on a GPU the device does.
+    transform = PatchTransform(image_processor)
+    normalize_in_workers = device.type == "cpu"
+    if device.type == "cpu" and args.dataloader_num_workers > 0:
+        # as in feature extraction: leave the readers their cores, or they stall the compute threads
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world - args.dataloader_num_workers))
+    augment = HEAugment(color_jitter=s2.color_jitter, hue_jitter=s2.hue_jitter) if s2.augment else None
+    ga = args.gradient_accumulation_steps
+
+    def to_device(batch):
+        x = batch["pixel_values"].to(device, non_blocking=True)
+        if not normalize_in_workers:
+            x = transform.normalize(x)
+        return {**batch, "pixel_values": x}
+
+    def evaluate() -> float:
+        # Every process evaluates all held-out patches (a few hundred): under ZeRO-3 each forward is a
+        # collective, so all processes must run the same batches; the result is the same everywhere.
+        dataset = PatchListDataset(memory_dir, memory.slides, held.items, transform, normalize_in_workers)
+        loader = make_loader(dataset, min(args.dataloader_num_workers, len(dataset)), device.type == "cuda")
+        model.eval()
+        sums = evaluate_student_teacher(model, teacher, loader, device, prepare=lambda b: to_device(b)["pixel_values"],
+                                        autocast=autocast)
+        model.train()
+        return sums["cosine_sum"] / sums["count"] if sums["count"] else float("nan")
+
+    before_path = out / "eval_before.json"
+    cos_before = None
+    if held.num_patches:
+        if resume is not None:  # measured at the start of the first run; unknown if it was not
+            if before_path.is_file():
+                cos_before = json.loads(before_path.read_text())["heldout_cosine"]
+            else:
+                logger.warning("%s missing: the held-out cosine before training is unknown", before_path)
+        else:
+            cos_before = evaluate()
+            if accelerator.is_main_process:
+                before_path.write_text(json.dumps({"heldout_cosine": cos_before, "patches": held.num_patches}))
+        if cos_before is not None:
+            logger.info("held-out student-teacher cosine before training: %.4f (%d patches, %s)", cos_before,
+                        held.num_patches, eval_source)
+
+    dataset = Stage2StepDataset(memory_dir, memory.slides, my_slides, s2.slides_per_step, s2.patches_per_slide,
+                                num_items=max_steps * ga, transform=transform,
+                                normalize=normalize_in_workers, augment=augment, seed=args.seed, rank=rank,
+                                heldout=held.heldout)
+    loader = make_loader(dataset, args.dataloader_num_workers, device.type == "cuda",
+                         sampler=range(starting_step * ga, max_steps * ga))
+
+    logger.info("training: steps %d -> %d, %d slides x %d patches per step and process, %d processes, "
+                "%d training slides", starting_step, max_steps, s2.slides_per_step, s2.patches_per_slide,
+                world, len(train_slides))
+    seen_failures: set[str] = set()
+    sums = {"loss": 0.0, "distill_loss": 0.0, "consistency_loss": 0.0}
+    model.train()
     for batch in loader:
-        pixel_values = prepare(batch) if prepare is not None else batch["pixel_values"].to(device)
-        targets = teacher.targets(batch["slide"], batch["row"], EVAL_STEP, device, autocast)
-        with autocast if autocast is not None else contextlib.nullcontext():
-            _, projected = student(pixel_values)
-        cos = F.cosine_similarity(projected.float(), targets.float(), dim=-1)
-        total += float(cos.sum())
-        count += int(cos.numel())
-    return {"cosine_sum": total, "count": count}
+        new = [(p, r) for p, r in batch["failed"] if p not in seen_failures]
+        if new:
+            seen_failures.update(p for p, _ in new)
+            append_failures(failures_csv, [{"slide": p, "features": "", "error": "SlideError", "reason": r}
+                                           for p, r in new])
+            for _, r in new:
+                logger.warning("slide failed during training, skipped from now on: %s", r)
+        batch = to_device(batch)
+        with accelerator.accumulate(model):
+            outputs = stage2_forward(model, ema, teacher, batch, s2.loss, s2.ema_consistency_weight, autocast, device)
+            loop.backward_and_step(model, optimizer, scheduler, outputs.loss)
+        for key in sums:
+            sums[key] += float(getattr(outputs, key).detach()) / ga
+        if accelerator.sync_gradients:
+            # the EMA follows the student's new weights before the step's checkpoint is written
+            ema.update(accelerator.unwrap_model(model).patch_model)
+        if not loop.end_step(**sums):
+            continue
+        sums = dict.fromkeys(sums, 0.0)
+        step = loop.completed
+        if args.eval_steps and step % args.eval_steps == 0 and not loop.done and held.num_patches:
+            cos = evaluate()
+            logger.info("step %d: held-out student-teacher cosine %.4f", step, cos)
+            if args.with_tracking:
+                accelerator.log({"eval/heldout_cosine": cos}, step=step)
+        if loop.done:
+            break
+    step = loop.completed
+    png = loop.finish("mSTAR Stage 2 training loss")
+
+    # Final models first (the new patch encoder, and the Stage 1 model carrying it), so that a failure in
+    # the evaluation below never loses them.
+    results = {"steps": step, "max_train_steps": max_steps, "loss": s2.loss, "heldout_patches": held.num_patches,
+               "heldout_source": eval_source}
+    state = accelerator.get_state_dict(model)  # gathers ZeRO-3 partitions; every process takes part
+    if accelerator.is_main_process:
+        with no_zero3_init():
+            save_final(s2, args, state, ema, image_processor, out)
+        if png:
+            logger.info("loss curve: %s", png)
+
+    # Evaluation after training, before vs after.
+    if held.num_patches:
+        try:
+            cos_after = evaluate()
+            results.update(heldout_cosine_before=cos_before, heldout_cosine_after=cos_after)
+            before_text = "unknown" if cos_before is None else f"{cos_before:.4f}"
+            accelerator.print(f"held-out student-teacher cosine: before {before_text} -> after {cos_after:.4f} "
+                              f"({held.num_patches} patches, {eval_source})")
+            if args.with_tracking:
+                accelerator.log({"eval/heldout_cosine": cos_after}, step=step)
+        except Exception as err:  # noqa: BLE001 - the models are saved; record the failed evaluation
+            logger.exception("held-out evaluation failed (the trained models are saved in %s)", out)
+            results["evaluation_error"] = f"{type(err).__name__}: {err}"
+    if accelerator.is_main_process:
+        write_stage2_evals(s2, results, out)
+        (out / "stage2_results.json").write_text(json.dumps(results, indent=2))
+        if args.push_to_hub:
+            push_to_hub(out / "patch_encoder", args, commit_message=f"mSTAR Stage 2 patch encoder, step {step}")
+            if s2.hub_mstar_model_id:
+                from ..hub import push_folder
+
+                push_folder(out / "mstar_model", s2.hub_mstar_model_id, private=args.hub_private_repo,
+                            commit_message=f"mSTAR with the Stage 2 patch encoder, step {step}",
+                            token=args.hub_token)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
 
 
-__all__ = [
-    "LOSSES",
-    "MemoryTeacher",
-    "ReusableAutocast",
-    "bf16_is_fast",
-    "resolve_no_grad_precision",
-    "Stage2Student",
-    "Stage2StepOutput",
-    "consistency_loss",
-    "context_rows",
-    "distillation_loss",
-    "ema_features_to_memory",
-    "evaluate_student_teacher",
-    "stage2_forward",
-]
+def write_stage2_evals(s2: Stage2Arguments, results: dict, out: Path):
+    """eval_results.json (the cards' model-index) in the run folder and both model folders."""
+    evals = []
+    for when in [w for w in ("before", "after") if results.get(f"heldout_cosine_{w}") is not None]:
+        evals.append({"task": "stage2-self-taught-distillation", "metric": "cosine",
+                      "name": f"held-out student-teacher cosine ({when} Stage 2)",
+                      "value": float(results[f"heldout_cosine_{when}"]), "dataset": Path(s2.manifest).parent.name,
+                      "split": s2.eval_split if results.get("heldout_source", "").startswith("slides") else "held-out patches"})
+    for folder in (out, out / "patch_encoder", out / "mstar_model"):
+        if folder.is_dir():
+            write_eval_results(folder, evals)
+
+
+def save_final(s2: Stage2Arguments, args: CommonTrainingArguments, state: dict, ema: EMAModel, image_processor,
+               out: Path):
+    from ..modeling import MStarPatchModel
+
+    patch_state = {k[len("patch_model."):]: v.float() for k, v in state.items() if k.startswith("patch_model.")}
+    proj_state = {k[len("patch_projection."):]: v.float() for k, v in state.items() if k.startswith("patch_projection.")}
+    if s2.final_weights == "ema":
+        patch_state = {k: v.cpu() for k, v in ema.state_dict().items()}
+
+    mstar = load_stage1(s2.stage1_model)
+    mstar.patch_model.load_state_dict(patch_state, strict=True)
+    mstar.patch_projection.load_state_dict(proj_state, strict=True)
+    patch_model: MStarPatchModel = mstar.patch_model
+
+    for folder, model in (("patch_encoder", patch_model), ("mstar_model", mstar)):
+        target = out / folder
+        model.save_pretrained(target)
+        image_processor.save_pretrained(target)
+        write_training_args(target, s2, args, extra={"stage": 2})
+    try:  # the Stage 1 folder's full processor (tokenizer, gene vocabulary), when it has one
+        from transformers import AutoProcessor
+
+        AutoProcessor.from_pretrained(s2.stage1_model).save_pretrained(out / "mstar_model")
+    except Exception:  # noqa: BLE001 - a Stage 1 folder without a processor keeps just the image processor
+        pass
+    logger.info("saved %s and %s", out / "patch_encoder", out / "mstar_model")
+

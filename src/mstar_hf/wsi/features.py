@@ -3,8 +3,9 @@
 Layout: dataset `coords` (N, 2) int64 level-0 (x, y) top-left corners; dataset `features` (N, D)
 float32; attributes (on the file and, as TRIDENT/CLAM readers expect, on `coords`): patch_size,
 patch_size_level0, target_magnification, mpp, level0_width, level0_height, encoder,
-encoder_config_hash, and more tiling metadata. Files are written under a temporary name and renamed
-only when complete, so a file under its final name is never partial.
+encoder_config_hash, slide_fingerprint (what resume compares with the slide file), and more tiling
+metadata. Files are written under a temporary name and renamed only when complete, so a file under
+its final name is never partial; a batch run removes the temporary files a killed run left.
 """
 
 from __future__ import annotations

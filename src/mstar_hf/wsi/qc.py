@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .segmentation import TissueMask
+from .segmentation import TissueMask, _cv2
 
 CONTOUR_RGB = (0, 170, 0)
 PATCH_RGB = (30, 60, 230)
@@ -16,7 +16,7 @@ PATCH_RGB = (30, 60, 230)
 def render_qc_image(tissue: TissueMask, coords=None, patch_size_level0: int | None = None, title: str | None = None,
                     max_size: int = 2048) -> np.ndarray:
     """RGB uint8 picture: the segmented thumbnail with tissue contours (green) and patches (blue boxes)."""
-    import cv2
+    cv2 = _cv2()
 
     img = np.ascontiguousarray(tissue.image.copy())
     sx, sy = tissue.downsample

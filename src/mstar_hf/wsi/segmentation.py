@@ -14,6 +14,15 @@ import numpy as np
 from .slide import WSI
 
 
+def _cv2():
+    # imported on first use, inside `try`: this file travels as remote code with the pipelines (see slide.py)
+    try:
+        import cv2
+    except ImportError as exc:
+        raise ImportError("tissue segmentation needs OpenCV: pip install opencv-python-headless") from exc
+    return cv2
+
+
 @dataclass
 class TissueMask:
     """Binary tissue mask of a slide at `downsample` (level-0 pixels per mask pixel)."""
@@ -30,14 +39,14 @@ class TissueMask:
 
     def contours(self) -> list[np.ndarray]:
         """Outer and hole contours in mask pixels (OpenCV format), for drawing."""
-        import cv2
+        cv2 = _cv2()
 
         contours, _ = cv2.findContours(self.mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
         return list(contours)
 
     def fraction_in_boxes(self, xy0: np.ndarray, size0: float) -> np.ndarray:
         """Tissue fraction inside each level-0 box [x, x + size0) x [y, y + size0), from an integral image."""
-        import cv2
+        cv2 = _cv2()
 
         integral = cv2.integral(self.mask.astype(np.uint8), sdepth=cv2.CV_64F)
         h, w = self.mask.shape
@@ -75,7 +84,7 @@ def segment_tissue(
     pieces smaller than this are dropped. max_hole_area_um2: holes smaller than this are filled.
     max_seg_pixels: caps the mask size for very large slides by coarsening `seg_mpp`.
     """
-    import cv2
+    cv2 = _cv2()
 
     W, H = wsi.dimensions
     downsample = max(1.0, seg_mpp / wsi.mpp)
@@ -103,7 +112,7 @@ def segment_tissue(
 
 
 def _remove_small_components(mask: np.ndarray, min_area_px: float) -> np.ndarray:
-    import cv2
+    cv2 = _cv2()
 
     if min_area_px <= 1 or not mask.any():
         return mask
@@ -115,7 +124,7 @@ def _remove_small_components(mask: np.ndarray, min_area_px: float) -> np.ndarray
 
 def _fill_small_holes(mask: np.ndarray, max_area_px: float) -> np.ndarray:
     """Fill background components smaller than `max_area_px` that do not touch the image border."""
-    import cv2
+    cv2 = _cv2()
 
     if max_area_px <= 0 or mask.all():
         return mask

@@ -24,6 +24,9 @@ SLIDE_EXTENSIONS = (
 
 # Mpp from TIFF resolution tags is only trusted in this range: many plain TIFFs carry a 72 dpi default.
 _PLAUSIBLE_MPP = (0.05, 20.0)
+# Patches are never read by enlarging the slide more than this: beyond it they hold no real detail.
+MAX_UPSAMPLE = 2.0
+READERS = ("openslide", "cucim", "auto")
 
 
 def mpp_to_magnification(mpp: float) -> float:
@@ -46,8 +49,19 @@ class ReadPlan:
     patch_size_level0: int  # extent of one patch in level-0 pixels
 
 
+def _openslide():
+    # imported on first use, inside `try`: this file travels as remote code with the pipelines, and
+    # transformers then requires every import outside a `try` to be installed before anything runs
+    try:
+        import openslide
+    except ImportError as exc:
+        raise ImportError("reading whole-slide images needs OpenSlide: pip install openslide-python openslide-bin"
+                          ) from exc
+    return openslide
+
+
 def _open_openslide(path: Path):
-    import openslide
+    openslide = _openslide()
 
     try:
         return openslide.OpenSlide(str(path))
@@ -65,8 +79,11 @@ def _open_openslide(path: Path):
 class WSI:
     """An open whole-slide image. Use `open_slide(path, mpp_override)`; close it (or use `with`)."""
 
-    def __init__(self, path, mpp_override: float | None = None, default_mpp: float | None = None):
+    def __init__(self, path, mpp_override: float | None = None, default_mpp: float | None = None,
+                 reader: str = "openslide"):
         self.path = Path(path)
+        if reader not in READERS:
+            raise ValueError(f"reader must be one of {READERS}, got {reader!r}")
         if not self.path.exists():
             raise SlideError(self.path, "file not found")
         if self.path.is_dir():
@@ -81,6 +98,11 @@ class WSI:
         self.dimensions: tuple[int, int] = self.level_dimensions[0]
         # Reads per pyramid level, so callers (and tests) can check that level 0 was avoided.
         self.read_counts: Counter = Counter()
+        self.reader = reader
+        self._cu = _open_cucim(self.path) if reader in ("cucim", "auto") else None
+        if reader == "cucim" and self._cu is None:
+            raise SlideError(self.path, "reader 'cucim' requested but cuCIM is not installed or cannot read this "
+                                        "file (pip install cucim-cu12; it reads TIFF/SVS only)")
 
     # -- metadata ---------------------------------------------------------------------------------
     @property
@@ -92,8 +114,14 @@ class WSI:
         return mpp_to_magnification(self.mpp)
 
     def _resolve_mpp(self, override, default):
-        """Resolution: an explicit override, else the metadata, else `default` (the CLI's --mpp)."""
-        import openslide
+        """Resolution: an explicit override (a CSV's per-slide mpp or the CLI's --mpp), else the first
+        plausible metadata value, else `default`.
+
+        Metadata outside `_PLAUSIBLE_MPP` (e.g. a generic TIFF's 72 dpi default, 352.8 um/px) is never
+        used: tiling at it would turn the slide into thousands of one-pixel "patches". When no source
+        is plausible and no override or default is given, the error names what was found and asks for --mpp.
+        """
+        openslide = _openslide()
 
         for value, name in ((override, "mpp override"), (default, "--mpp")):
             if value is not None and not float(value) > 0:
@@ -101,28 +129,39 @@ class WSI:
         if override is not None:
             return float(override), "override"
         props = self._osr.properties
+        candidates = []  # (mpp, source) from the metadata, most trusted first
         try:
-            mpp = float(props[openslide.PROPERTY_NAME_MPP_X])
-            if mpp > 0:
-                return mpp, "openslide.mpp-x"
+            candidates.append((float(props[openslide.PROPERTY_NAME_MPP_X]), "openslide.mpp-x"))
         except (KeyError, ValueError):
             pass
-        unit = props.get("tiff.ResolutionUnit")
+        um_per_unit = {"centimeter": 1e4, "inch": 25400.0}.get(props.get("tiff.ResolutionUnit"))
         try:
             xres = float(props["tiff.XResolution"])
-            um_per_unit = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
-            if um_per_unit and xres > 0 and _PLAUSIBLE_MPP[0] <= um_per_unit / xres <= _PLAUSIBLE_MPP[1]:
-                return um_per_unit / xres, "tiff.XResolution"
+            if um_per_unit and xres > 0:
+                candidates.append((um_per_unit / xres, "tiff.XResolution"))
         except (KeyError, ValueError):
             pass
         try:
             power = float(props[openslide.PROPERTY_NAME_OBJECTIVE_POWER])
             if power > 0:
-                return magnification_to_mpp(power), "openslide.objective-power"
+                candidates.append((magnification_to_mpp(power), "openslide.objective-power"))
         except (KeyError, ValueError):
             pass
+        for mpp, source in candidates:
+            if _PLAUSIBLE_MPP[0] <= mpp <= _PLAUSIBLE_MPP[1]:
+                return mpp, source
         if default is not None:
             return float(default), "--mpp"
+        lo, hi = _PLAUSIBLE_MPP
+        bad = [(mpp, source) for mpp, source in candidates if mpp > 0]
+        if bad:
+            found = ", ".join(f"{source} = {mpp:.4g} um/px" for mpp, source in bad)
+            raise MissingMppError(
+                self.path,
+                f"implausible resolution in the slide metadata ({found}; a whole-slide image is "
+                f"{lo:g}-{hi:g} um/px, a plain TIFF often carries a 72 dpi default); pass --mpp with the "
+                f"true level-0 microns per pixel (0.25 for 40x, 0.5 for 20x)",
+            )
         raise MissingMppError(
             self.path,
             "resolution unknown: no microns-per-pixel (openslide.mpp-x), TIFF resolution or objective power "
@@ -151,11 +190,21 @@ class WSI:
         A scale off by less than `snap_tol` (e.g. 0.499 vs 0.5 um/px) is read at `patch_size`
         directly: a 0.2% size error is harmless, a 257 -> 256 resample only blurs.
         """
+        self._check_upsample(target_mpp)
         level = self.best_level_for_mpp(target_mpp)
         ds = self.level_downsamples[level]
         exact = patch_size * target_mpp / (self.mpp * ds)
         read_size = patch_size if abs(exact / patch_size - 1) <= snap_tol else max(1, round(exact))
         return ReadPlan(level, ds, read_size, patch_size, max(1, round(read_size * ds)))
+
+    def _check_upsample(self, target_mpp: float):
+        if self.mpp > target_mpp * MAX_UPSAMPLE:
+            raise SlideError(
+                self.path,
+                f"slide resolution {self.mpp:.4g} um/px (from {self.mpp_source}) is coarser than the target "
+                f"{target_mpp:g} um/px: each patch would be upsampled {self.mpp / target_mpp:.1f}x (at most "
+                f"{MAX_UPSAMPLE:g}x is allowed); if the metadata are wrong pass --mpp, else use a lower magnification",
+            )
 
     # -- reads ------------------------------------------------------------------------------------
     def read_level_array(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
@@ -163,8 +212,19 @@ class WSI:
 
         Transparent pixels (outside the scanned area or the slide) become white, not black.
         """
-        import openslide
+        openslide = _openslide()
 
+        if self._cu is not None and self._inside(x0, y0, level, size):
+            # cuCIM decodes tiles in parallel without OpenSlide's cache lock; used only inside the
+            # slide, where it needs no transparency handling.
+            try:
+                arr = np.asarray(self._cu.read_region(location=(int(x0), int(y0)), size=(int(size[0]), int(size[1])),
+                                                      level=int(level)))
+            except Exception as e:  # noqa: BLE001 - cuCIM raises plain RuntimeErrors
+                raise SlideError(self.path, f"read failed at level {level}, ({x0}, {y0}) size {size}: "
+                                            f"corrupt or truncated slide (cuCIM: {e})") from None
+            self.read_counts[int(level)] += 1
+            return np.ascontiguousarray(arr[..., :3])
         try:
             rgba = np.asarray(self._osr.read_region((int(x0), int(y0)), int(level), (int(size[0]), int(size[1]))))
         except openslide.OpenSlideError as e:
@@ -177,6 +237,11 @@ class WSI:
             a = alpha[..., None].astype(np.uint16)
             rgb = ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
         return np.ascontiguousarray(rgb)
+
+    def _inside(self, x0, y0, level, size) -> bool:
+        ds = self.level_downsamples[level]
+        W, H = self.dimensions
+        return x0 >= 0 and y0 >= 0 and x0 + size[0] * ds <= W and y0 + size[1] * ds <= H
 
     def read_patch_array(self, x0: int, y0: int, plan: ReadPlan) -> np.ndarray:
         """One patch as planned by `plan_read`: RGB uint8 (patch_size, patch_size, 3)."""
@@ -194,6 +259,7 @@ class WSI:
         if isinstance(size_target_px, (int, np.integer)):
             return Image.fromarray(self.read_patch_array(x0, y0, self.plan_read(int(size_target_px), target_mpp)))
         w, h = (int(v) for v in size_target_px)
+        self._check_upsample(target_mpp)
         level = self.best_level_for_mpp(target_mpp)
         scale = target_mpp / (self.mpp * self.level_downsamples[level])
         rw, rh = max(1, round(w * scale)), max(1, round(h * scale))
@@ -234,6 +300,7 @@ class WSI:
         if getattr(self, "_osr", None) is not None:
             self._osr.close()
             self._osr = None
+        self._cu = None
 
     def __enter__(self):
         return self
@@ -245,11 +312,31 @@ class WSI:
         # OpenSlide handles are not picklable or fork-safe: copies reopen the file themselves.
         state = self.__dict__.copy()
         state["_osr"] = None
+        state["_cu"] = None
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._osr = _open_openslide(self.path)
+        self._cu = _open_cucim(self.path) if self.reader in ("cucim", "auto") else None
+
+
+def cucim_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("cucim") is not None
+
+
+def _open_cucim(path: Path):
+    """A cuCIM CuImage for TIFF-family files when cuCIM is installed, else None (OpenSlide reads)."""
+    if path.suffix.lower() not in (".svs", ".tif", ".tiff") or not cucim_available():
+        return None
+    try:
+        from cucim import CuImage
+
+        return CuImage(str(path))
+    except Exception:  # noqa: BLE001 - a file cuCIM cannot parse is still read by OpenSlide
+        return None
 
 
 def _resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -264,13 +351,17 @@ def _resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(arr).resize((w, h), resample, reducing_gap=3.0 if shrink else None))
 
 
-def open_slide(path, mpp_override: float | None = None, default_mpp: float | None = None) -> WSI:
+def open_slide(path, mpp_override: float | None = None, default_mpp: float | None = None,
+               reader: str = "openslide") -> WSI:
     """Open a slide with OpenSlide. Raises `SlideError` (naming the file) for anything unusable.
 
-    Resolution (level-0 microns per pixel): `mpp_override` if given, else openslide.mpp-x, TIFF
-    resolution or objective power from the metadata, else `default_mpp`, else `MissingMppError`.
+    Resolution (level-0 microns per pixel): `mpp_override` if given, else the first of openslide.mpp-x,
+    TIFF resolution or objective power from the metadata that is plausible (0.05-20 um/px), else
+    `default_mpp`, else `MissingMppError` (which names any implausible value found).
+    `reader`: "openslide", "cucim" (faster tile decoding, TIFF/SVS, needs cuCIM) or "auto" (cuCIM when
+    installed and able to read the file, else OpenSlide); metadata always come from OpenSlide.
     """
-    return WSI(path, mpp_override=mpp_override, default_mpp=default_mpp)
+    return WSI(path, mpp_override=mpp_override, default_mpp=default_mpp, reader=reader)
 
 
 def is_slide_file(path) -> bool:
@@ -278,4 +369,4 @@ def is_slide_file(path) -> bool:
 
 
 __all__ = ["WSI", "ReadPlan", "open_slide", "is_slide_file", "SLIDE_EXTENSIONS", "mpp_to_magnification",
-           "magnification_to_mpp"]
+           "magnification_to_mpp", "cucim_available", "READERS", "MAX_UPSAMPLE"]

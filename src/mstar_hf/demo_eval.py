@@ -1,0 +1,183 @@
+"""The demo's held-out measurements beyond the pipelines: how hard the cohort is, and what Stage 2 changed.
+
+* `difficulty_baselines`: what needs no learning, on the same held-out cases: nearest centroid on a
+  slide's mean RGB (over its tissue patches), and the initial (untrained) encoder's mean-pooled features
+  with a linear probe and few-shot prototypes (k = 1, 2, 4).
+* `encoder_comparison`: the paper's downstream protocols (linear probe, few-shot prototypes, ABMIL) on the
+  features of the initial and of the Stage 2 encoder, with bootstrap CIs over cases and a paired
+  bootstrap of the difference.
+* `distillation_report`: Stage 2's own target, measured so a bias cannot pass: the frozen Stage 1
+  aggregator's patch tokens of held-out slides (the teacher) against the Stage 2 student's projected
+  features, as centred cosine, R^2 and patch retrieval@1, beside predicting the mean training target and
+  beside the best linear map of the *initial* encoder's features (ridge, fitted on training patches).
+
+The metric code is in `evaluation.encoder_probes`; this module only gathers features and models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .evaluation import encoder_probes as probes
+
+FEW_SHOT_K = (1, 2, 4)
+
+
+def features_path(case: dict, features_dir: str | Path | None = None) -> str:
+    """The case's feature file, or its namesake in `features_dir` (e.g. the Stage 2 encoder's features)."""
+    return case["features_path"] if features_dir is None else str(Path(features_dir) / f"{case['slide_id']}.h5")
+
+
+def load_bags(cases: list[dict], features_dir=None, read_coords: bool = False):
+    """Per case, the [n, D] patch features (and [n, 2] level-0 coords)."""
+    from .data import read_slide_features
+
+    out = [read_slide_features(features_path(c, features_dir), c["case_id"], read_coords=read_coords) for c in cases]
+    return out if read_coords else [f for f, _ in out]
+
+
+def patch_mean_rgb(cases: list[dict]) -> np.ndarray:
+    """[n_cases, 3]: each slide's mean RGB over the tissue patches its features were extracted from."""
+    import h5py
+    import openslide
+
+    out = []
+    for case in cases:
+        path = case["features_path"]
+        with h5py.File(path, "r") as f:
+            coords = f["coords"][:]
+            size = int(f["coords"].attrs.get("patch_size_level0", 256))
+        slide = openslide.OpenSlide(case["slide_path"])
+        try:
+            means = [np.asarray(slide.read_region((int(x), int(y)), 0, (size, size)).convert("RGB"), np.float64)
+                     .reshape(-1, 3).mean(axis=0) for x, y in coords]
+        finally:
+            slide.close()
+        if not means:
+            raise ValueError(f"case {case['case_id']}: no patches in {path}.")
+        out.append(np.mean(means, axis=0))
+    return np.stack(out)
+
+
+def _row(labels, correct, seed):
+    return probes.summarise(labels, correct, num_samples=1000, seed=seed)
+
+
+def difficulty_baselines(train_cases, test_cases, train_bags, test_bags, seed: int = 0) -> dict:
+    """Balanced accuracy (+ CI over cases) of the no-learning baselines on the held-out cases."""
+    y_tr = np.asarray([c["cancer_type"] for c in train_cases])
+    y_te = np.asarray([c["cancer_type"] for c in test_cases])
+    rgb_tr, rgb_te = patch_mean_rgb(train_cases), patch_mean_rgb(test_cases)
+    mean_tr = np.stack([b.mean(axis=0) for b in train_bags])
+    mean_te = np.stack([b.mean(axis=0) for b in test_bags])
+    out = {"chance": 1.0 / len(set(y_tr.tolist())),
+           "mean_rgb_nearest_centroid": _row(y_te, probes.nearest_centroid(rgb_tr, y_tr, rgb_te, y_te), seed),
+           "initial_encoder_linear_probe": _row(y_te, probes.linear_probe(mean_tr, y_tr, mean_te, y_te, seed=seed), seed)}
+    for k in FEW_SHOT_K:
+        out[f"initial_encoder_few_shot_k{k}"] = _row(
+            y_te, probes.few_shot_prototypes(mean_tr, y_tr, mean_te, y_te, k, seed=seed), seed)
+    return out
+
+
+def encoder_comparison(train_cases, test_cases, bags: dict[str, tuple[list, list]], seed: int = 0,
+                       abmil_epochs: int = 30) -> dict:
+    """`bags = {"initial": (train_bags, test_bags), "stage2": (...)}`: every protocol on both, and the
+    paired difference stage2 - initial (bootstrap over held-out cases)."""
+    y_tr = np.asarray([c["cancer_type"] for c in train_cases])
+    y_te = np.asarray([c["cancer_type"] for c in test_cases])
+    correct: dict[str, dict[str, np.ndarray]] = {}
+    for name, (tr, te) in bags.items():
+        m_tr = np.stack([b.mean(axis=0) for b in tr])
+        m_te = np.stack([b.mean(axis=0) for b in te])
+        c = {"linear_probe": probes.linear_probe(m_tr, y_tr, m_te, y_te, seed=seed)}
+        for k in FEW_SHOT_K:
+            c[f"few_shot_k{k}"] = probes.few_shot_prototypes(m_tr, y_tr, m_te, y_te, k, seed=seed)
+        c["abmil"] = probes.abmil_probe(tr, y_tr, te, y_te, epochs=abmil_epochs, seed=seed)
+        correct[name] = c
+    out = {}
+    names = list(bags)
+    for protocol in correct[names[0]]:
+        row = {name: _row(y_te, correct[name][protocol], seed) for name in names}
+        if len(names) == 2:
+            d = probes.compare_encoders(y_te, correct[names[0]][protocol], correct[names[1]][protocol], seed=seed)
+            row["difference"] = {k: d[k] for k in ("delta", "ci_low", "ci_high", "p_value")}
+        out[protocol] = row
+    return out
+
+
+@torch.no_grad()
+def _teacher_and_inputs(aggregator, bags):
+    targets = []
+    for b in bags:
+        x = torch.as_tensor(b, dtype=torch.float32)[None]
+        targets.append(aggregator(x).patch_embeds[0].double().numpy())
+    return targets
+
+
+@torch.no_grad()
+def distillation_report(stage1_dir, stage2_model_dir, init_bags: tuple[list, list], stage2_bags: tuple[list, list],
+                        ridge: float = 1.0) -> dict:
+    """Stage 2's target on held-out patches; see the module docstring. `*_bags = (train, test)`."""
+    from .modeling import MStarModel
+
+    teacher = MStarModel.from_pretrained(str(stage1_dir), dtype=torch.float32).eval()
+    student = MStarModel.from_pretrained(str(stage2_model_dir), dtype=torch.float32).eval()
+    t_tr = np.concatenate(_teacher_and_inputs(teacher.aggregator, init_bags[0]))
+    t_te = np.concatenate(_teacher_and_inputs(teacher.aggregator, init_bags[1]))
+    mu = probes.unit_mean(t_tr)
+    s_te = np.concatenate(stage2_bags[1])
+    pred_student = student.get_patch_features(patch_features=torch.as_tensor(s_te, dtype=torch.float32),
+                                              space="aggregator").pooler_output.double().numpy()
+    pred_before = teacher.get_patch_features(patch_features=torch.as_tensor(np.concatenate(init_bags[1]),
+                                             dtype=torch.float32), space="aggregator").pooler_output.double().numpy()
+    # the best linear student on the frozen initial features (closed-form ridge on training patches)
+    x_tr, x_te = np.concatenate(init_bags[0]).astype(np.float64), np.concatenate(init_bags[1]).astype(np.float64)
+    x_mu = x_tr.mean(axis=0)
+    a = (x_tr - x_mu).T @ (x_tr - x_mu) + ridge * np.eye(x_tr.shape[1])
+    # fitted to the unit-normalised targets, the space the metrics (and the cosine loss) live in
+    u_tr = t_tr / np.linalg.norm(t_tr, axis=1, keepdims=True).clip(min=1e-12)
+    w = np.linalg.solve(a, (x_tr - x_mu).T @ (u_tr - mu))
+    pred_ridge = (x_te - x_mu) @ w + mu
+    return {
+        "teacher": "frozen Stage 1 aggregator's patch tokens on the initial encoder's features",
+        "stage2_student": probes.distillation_metrics(pred_student, t_te, mu),
+        "before_stage2": probes.distillation_metrics(pred_before, t_te, mu),
+        "mean_target": probes.distillation_metrics(np.tile(mu, (len(t_te), 1)), t_te, mu),
+        "ridge_on_initial_features": probes.distillation_metrics(pred_ridge, t_te, mu),
+    }
+
+
+
+
+def shuffled_pairing_manifest(manifest: str | Path, out_path: str | Path, seed: int = 0,
+                              splits: tuple[str, ...] = ("train",)) -> Path:
+    """A copy of `manifest` where the reports and the RNA profiles of the cases in `splits` are permuted
+    (each by its own permutation without fixed points where possible), so a slide's partners come from random
+    other cases: the control for Stage 1. Labels stay with the slides; held-out cases keep their true data."""
+    import pandas as pd
+
+    frame = pd.read_csv(manifest, keep_default_na=False)
+    if "split" not in frame.columns:
+        raise ValueError(f"{manifest}: no 'split' column; the control shuffles within the training split.")
+    rows = np.flatnonzero(frame["split"].isin(splits).to_numpy())
+    if len(rows) < 2:
+        raise ValueError(f"{manifest}: fewer than 2 cases in splits {splits}; nothing to shuffle.")
+    rng = np.random.default_rng([seed, 99])
+    for column in ("report", "rna_path"):
+        perm = rng.permutation(len(rows))
+        for _ in range(100):  # a derangement: no case keeps its own partner
+            if not (perm == np.arange(len(rows))).any():
+                break
+            perm = rng.permutation(len(rows))
+        frame.loc[rows, column] = frame[column].to_numpy()[rows[perm]]
+    # relative paths in the manifest resolve against its folder: keep the copy beside it
+    out_path = Path(out_path)
+    frame.to_csv(out_path, index=False)
+    return out_path
+
+
+__all__ = ["FEW_SHOT_K", "difficulty_baselines", "distillation_report", "encoder_comparison", "features_path",
+           "load_bags", "patch_mean_rgb", "shuffled_pairing_manifest"]
