@@ -72,7 +72,13 @@ def test_batch_shapes_masks_and_presence(cohort, processor):
 def test_keys_match_model_interface(cohort, processor):
     batch = next(iter(build_cohort_dataloader(cohort, processor, batch_size=2, max_patches=8, feature_dim=DIM)))
     assert set(batch) == {"patch_features", "patch_attention_mask", "input_ids", "attention_mask", "rna_bins",
-                          "rna_mask", "slide_present", "report_present", "rna_present", "cancer_type", "case_id"}
+                          "rna_mask", "slide_present", "report_present", "rna_present", "cancer_type", "case_id",
+                          "case_index"}
+    # one id per case, the same in every process (Stage 1 masks same-case negatives with it)
+    from mstar_hf.data.collator import case_index
+
+    assert batch["case_index"].tolist() == [case_index(c) for c in batch["case_id"]]
+    assert case_index("TCGA-AA-0001") == case_index("TCGA-AA-0001") != case_index("TCGA-AA-0002")
 
 
 def test_pad_to_max_and_small_slides_kept_whole(cohort, processor):

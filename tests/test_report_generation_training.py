@@ -133,3 +133,36 @@ def test_accelerate_launch_with_deepspeed(cohort, tmp_path):
     assert results["engine"] == "DeepSpeedEngine" and results["steps"] == 3
     assert (out / "checkpoint-2" / "pytorch_model").is_dir()  # a DeepSpeed ZeRO checkpoint
     assert (out / "model.safetensors").is_file() and (out / "eval_results.json").is_file()
+
+
+def test_reports_are_cleaned_and_scored_on_the_training_window(cohort, tmp_path):
+    """OCR-style reports (page header, barcode, UUID, noise first; long) are cleaned before training, and the
+    references and the copy-nearest baseline are cut to the same token window the model is trained on."""
+    import pandas as pd
+
+    script = load_training_script()
+    frame = pd.read_csv(cohort)
+    header = ("Surgical Pathology Report Page 1 of 3 TCGA-BP-5195-01Z-00-DX1 "
+              "25c0b433-5557-4165-922e-2c1eac9c26f0 IIIII Redacted\n")
+    tail = " ".join(["Additional gross description of the specimen follows."] * 40)
+    frame["report"] = [header + r + "\n" + tail if isinstance(r, str) and r else r for r in frame["report"]]
+    noisy = cohort.parent / "manifest_ocr.csv"
+    frame.to_csv(noisy, index=False)
+    out = tmp_path / "run"
+    window_tokens = 24
+    script.main(["--manifest", str(noisy), "--output_dir", str(out), *TINY, "--max_train_steps", "2",
+                 "--max_report_tokens", str(window_tokens + 1), "--num_beams", "1"])
+    results = json.loads((out / "report_results.json").read_text())
+    assert results["scored_window_tokens"] == window_tokens
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    predictions = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text().splitlines()]
+    assert predictions
+    for row in predictions:
+        for text in (row["reference"], row["nearest_train_report"]):
+            assert "TCGA-BP" not in text and "25c0b433" not in text and "IIIII" not in text, text
+            assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= window_tokens + 1, text
+        assert "Page 1 of 3" not in row["reference"] and "Surgical Pathology Report" not in row["reference"]
+        assert "Additional gross description" not in row["reference"]  # the long tail lies past the window
+    assert "first 24 tokens" in (out / "report_results.md").read_text()

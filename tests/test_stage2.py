@@ -265,7 +265,7 @@ def _args(env, out, steps, extra=()):
         "--stage1_model", str(env.stage1), "--manifest", str(env.run_manifest), "--output_dir", str(out),
         "--max_train_steps", str(steps), "--slides_per_step", "2", "--per_device_train_batch_size", "16",
         "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--dataloader_num_workers", "2",
-        "--quiet", "--with_tracking", "false", *extra,
+        "--quiet", "--with_tracking", "false", "--skip_bad_cases", "true", *extra,
     ]
 
 
@@ -396,3 +396,13 @@ def test_deepspeed_zero2_engine_resume_and_push(env, run_manifest, hub_server):
     assert json.loads(pushed["config.json"])["model_type"] == "mstar_patch"
     assert {"model.safetensors", "preprocessor_config.json", "README.md"} <= set(pushed)
     assert json.loads(hub_server.files(f"{user}/stage2-mstar")["config.json"])["model_type"] == "mstar"
+
+
+def test_a_bad_slide_stops_the_run_before_step_1_unless_skipped(env, run_manifest, tmp_path):
+    args = _args(env, tmp_path / "run", 2)
+    at = args.index("--skip_bad_cases")
+    del args[at:at + 2]
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "1 bad slide(s), nothing was trained" in proc.stderr and "SYN-9999-01.tiff: file not found" in proc.stderr
+    assert not (tmp_path / "run" / "loss_log.jsonl").exists()

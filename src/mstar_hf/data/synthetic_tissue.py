@@ -21,12 +21,12 @@ import numpy as np
 PATTERNS = ("stroma", "glands", "solid", "lymphoid", "adipose")
 # Pattern mix of the first types (rows sum to 1); further types take a generated mix (`type_morphology`).
 _MIXES = np.array([
-    [0.40, 0.30, 0.10, 0.10, 0.10],
-    [0.12, 0.12, 0.46, 0.18, 0.12],
-    [0.22, 0.10, 0.12, 0.16, 0.40],
+    [0.50, 0.26, 0.08, 0.08, 0.08],
+    [0.08, 0.08, 0.56, 0.20, 0.08],
+    [0.18, 0.08, 0.08, 0.10, 0.56],
 ])
 # Mean region diameter in pixels at 0.5 um/px and nuclear size / elongation per type (first types).
-_REGION_SIZE = [300.0, 220.0, 380.0]
+_REGION_SIZE = [220.0, 170.0, 280.0]
 _NUCLEUS_SCALE = [1.0, 1.12, 0.9]
 _ELONGATION = [0.75, 0.85, 0.7]
 BACKGROUND = (242, 241, 239)
@@ -44,9 +44,9 @@ def type_morphology(type_index: int) -> dict:
                     nucleus_scale=_NUCLEUS_SCALE[type_index], elongation=_ELONGATION[type_index])
     # further types: a dominant and a secondary pattern over a shared floor, fixed per type index
     rng = np.random.default_rng([7919, type_index])
-    mix = np.full(len(PATTERNS), 0.1)
+    mix = np.full(len(PATTERNS), 0.08)
     first, second = rng.choice(len(PATTERNS), 2, replace=False)
-    mix[first] += 0.3
+    mix[first] += 0.4
     mix[second] += 0.2
     return dict(mix=mix / mix.sum(), region_size=float(rng.uniform(200, 400)),
                 nucleus_scale=float(rng.uniform(0.88, 1.14)), elongation=float(rng.uniform(0.65, 0.9)))
@@ -62,8 +62,8 @@ def draw_stain(rng: np.random.Generator) -> dict:
     return dict(
         od_h=od((0.65, 0.70, 0.29), 0.12),  # hematoxylin: absorbs red and green -> blue-purple
         od_e=od((0.07, 0.99, 0.11), 0.12),  # eosin: absorbs green -> pink
-        scale_h=float(rng.uniform(0.55, 1.5)),
-        scale_e=float(rng.uniform(0.45, 1.6)),
+        scale_h=float(rng.uniform(0.6, 1.4)),
+        scale_e=float(rng.uniform(0.5, 1.5)),
         tint=np.clip(1 + rng.normal(0, 0.05, 3), 0.85, 1.1),
     )
 

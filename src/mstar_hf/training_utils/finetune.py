@@ -54,7 +54,6 @@ class FinetuneArguments:
     hidden_size: int = field(default=512, metadata={"help": "ABMIL width."})
     attention_dim: int = field(default=128, metadata={"help": "ABMIL attention width."})
     dropout: float = field(default=0.25)
-    num_epochs: int = field(default=50)
     patience: int = field(default=10, metadata={"help": "Early stopping patience (epochs)."})
     min_epochs: int = field(default=0, metadata={"help": "Never stop before this many epochs."})
     early_stopping: str = field(default="auto", metadata={"help": "auto, metric or loss."})
@@ -66,6 +65,9 @@ class FinetuneArguments:
     survival_loss_alpha: float = field(default=0.0)
     num_bootstrap: int = field(default=1000)
     skip_missing: bool = field(default=False, metadata={"help": "Leave out slides whose features are missing."})
+    split_from_first_slide: bool = field(default=False, metadata={
+        "help": "When a case's slides carry different manifest splits, give every slide the split of the case's first "
+                "slide (with a warning) instead of refusing the manifest."})
 
 
 @dataclass
@@ -74,6 +76,8 @@ class FinetuneTrainingArguments(CommonTrainingArguments):
     weight_decay: float = field(default=1e-5, metadata={"help": "Adam (L2) weight decay."})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Slides per step (bags are padded)."})
     max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping (0: none, as the authors)."})
+    num_train_epochs: float = field(default=50, metadata={
+        "aliases": ["--num_epochs"], "help": "Epochs per fold (the paper: 50, with early stopping)."})
     max_train_steps: int = field(default=0, metadata={"help": "Cap on optimizer steps per fold (0: the epochs decide)."})
 
 
@@ -81,7 +85,8 @@ def run_finetune(args: FinetuneArguments, train_args: FinetuneTrainingArguments)
     from ..evaluation import plots
     from ..evaluation.cohort import load_task
     from .mil import MILSettings, primary_metric, run_cross_validation
-    from ..evaluation.report import eval_results, format_table, summarize, write_json, write_predictions_csv
+    from ..evaluation.report import (eval_results, format_table, split_notice, summarize, write_json,
+                                     write_predictions_csv)
     from ..evaluation.splits import make_folds
     from .common import make_accelerator, push_to_hub, write_eval_results, write_training_args
 
@@ -94,12 +99,16 @@ def run_finetune(args: FinetuneArguments, train_args: FinetuneTrainingArguments)
     data = load_task(args.manifest, args.task, label_column=args.label_column, features_dir=args.features_dir,
                      time_column=args.time_column, event_column=args.event_column, skip_missing=args.skip_missing)
     folds = make_folds(data, folds=args.folds, seed=train_args.seed, val_fraction=args.val_fraction,
-                       use_manifest_splits={"auto": None, "manifest": True, "kfold": False}[args.splits])
+                       use_manifest_splits={"auto": None, "manifest": True, "kfold": False}[args.splits],
+                       split_from_first_slide=args.split_from_first_slide)
+    notice = split_notice(data, folds)
+    if accelerator.is_main_process and notice["text"]:
+        print(notice["text"])
     settings = MILSettings(
         head=args.head, gated_attention=args.attention == "gated", hidden_size=args.hidden_size,
         attention_dim=args.attention_dim, dropout=args.dropout, transmil_size=args.transmil_size, init=args.init,
         aggregator=args.aggregator_name_or_path, learning_rate=train_args.learning_rate,
-        weight_decay=train_args.weight_decay, lr_scheduler_type=train_args.lr_scheduler_type, epochs=args.num_epochs,
+        weight_decay=train_args.weight_decay, lr_scheduler_type=train_args.lr_scheduler_type, epochs=int(train_args.num_train_epochs),
         patience=args.patience, min_epochs=args.min_epochs, batch_size=train_args.per_device_train_batch_size,
         gradient_accumulation_steps=train_args.gradient_accumulation_steps, max_grad_norm=train_args.max_grad_norm,
         max_train_steps=train_args.max_train_steps, max_patches=args.max_patches, early_stopping=args.early_stopping,
@@ -119,7 +128,7 @@ def run_finetune(args: FinetuneArguments, train_args: FinetuneTrainingArguments)
     results = {"task": args.task, "manifest": data.manifest, "features_dir": data.features_dir,
                "label": args.label_column if args.task == "classification" else None, "classes": data.class_names,
                "n_slides": len(data), "n_cases": len(set(data.case_ids)), "excluded": data.excluded,
-               "primary_metric": primary, **summary, "table": table}
+               "primary_metric": primary, "split_notice": notice, **summary, "table": table}
     if accelerator.is_main_process:
         write_predictions_csv(out / "predictions.csv", data, cv.rows, cv.preds, cv.fold)
         if args.task == "classification":

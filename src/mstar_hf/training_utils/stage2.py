@@ -254,7 +254,7 @@ def main(argv=None) -> int:
             failures_csv.unlink(missing_ok=True)
             append_failures(failures_csv, failures)
             if failures and not args.skip_bad_cases:
-                listed = "\n".join(f"  {row['slide'] or row['features']}: {row['reason']}" for row in failures[:50])
+                listed = "\n".join(f"  {row['reason']}" for row in failures[:50])  # reasons name their files
                 raise SystemExit(f"{s2.manifest}: {len(failures)} bad slide(s), nothing was trained (fix them, or pass "
                                  f"--skip_bad_cases true to leave them out; all are listed in {failures_csv}):\n{listed}")
             for row in failures:
