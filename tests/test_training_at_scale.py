@@ -287,3 +287,31 @@ def test_shipped_deepspeed_configs_train_stage1_and_stage2(config, synthetic_coh
     assert info["is_deepspeed_engine"] and info["zero_stage"] == (3 if "zero3" in config.name else 2)
     assert [r["step"] for r in _records(stage2)] == [1, 2]
     assert (stage2 / "patch_encoder" / "model.safetensors").is_file() and (stage2 / "checkpoint-2").is_dir()
+
+
+def test_a_frozen_report_encoder_is_run_once_per_report(feature_cohort, tmp_path):
+    """With --freeze_text_encoder each report's [CLS] is computed once and reused every step: the model's
+    report embeddings from the cache equal the encoder run live (eval mode), and training still runs."""
+    from mstar_hf.data import load_cohort
+    from mstar_hf.training_utils.stage1 import (
+        Stage1DataArguments, Stage1ModelArguments, build_processor_and_model, encode_reports_once, main, make_loader,
+        report_hidden_for,
+    )
+
+    cohort = load_cohort(feature_cohort / "manifest.csv")
+    data_args = Stage1DataArguments(manifest=str(feature_cohort / "manifest.csv"), max_patches=16)
+    model, processor = build_processor_and_model(Stage1ModelArguments(model_size="tiny"), data_args, list(cohort["report"]))
+    model.eval()
+    cache = encode_reports_once(model, processor, [cohort])
+    assert set(cache) == set(cohort["case_id"])
+    loader, _ = make_loader(cohort, processor, data_args, 6, 0, False, DIM, 0)
+    batch = next(iter(loader))
+    hidden = report_hidden_for(cache, batch.pop("case_id"), model.config.text_config.hidden_size)
+    with torch.no_grad():
+        live = model(**batch).text_embeds
+        cached = model(**batch, report_hidden=hidden).text_embeds
+    assert torch.allclose(live, cached, atol=1e-5)
+
+    out = tmp_path / "frozen"
+    assert main(_stage1_args(feature_cohort / "manifest.csv", out, 2, "--freeze_text_encoder", "true")) == 0
+    assert [r["step"] for r in _records(out)] == [1, 2]

@@ -98,8 +98,6 @@ def _region_map(rng, height, width, region_size) -> np.ndarray:
 
 def _nuclei(rng, conc, where, density, radius, elongation, strength, jitter=0.25):
     """Ellipses of hematoxylin into `conc` at random points where `where` holds (density per 100x100 px)."""
-    import cv2
-
     height, width = where.shape
     n = rng.poisson(density * where.mean() * height * width / 1e4)
     if n == 0:

@@ -216,6 +216,9 @@ class MStarModel(MStarPreTrainedModel):
         rna_bins, rna_mask (`[B, G]`): binned expression from the processor.
         slide_present, report_present, rna_present (`[B]` bool): defaults: all True when that input is given.
         cancer_type (`[B]` long): cancer-type index per case (-1 unknown), for the triplet loss.
+        report_hidden (`[B, text hidden]`): the text encoder's last-layer [CLS] per case, precomputed when the
+            text encoder is frozen (Stage 1 then encodes each report once, not every step); replaces the text
+            encoder's forward, `input_ids` still give the batch size and presence.
         case_index (`[B]` long): an id per patient case; rows of one case are never each other's InfoNCE
             negatives (several slides of a patient share its report and RNA).
         return_loss (`bool`): compute the Stage 1 loss.
@@ -416,6 +419,7 @@ class MStarModel(MStarPreTrainedModel):
         rna_present: torch.Tensor | None = None,
         cancer_type: torch.Tensor | None = None,
         case_index: torch.Tensor | None = None,
+        report_hidden: torch.Tensor | None = None,
         return_loss: bool | None = None,
         gather_across_processes: bool | None = None,
         return_dict: bool | None = None,
@@ -446,11 +450,15 @@ class MStarModel(MStarPreTrainedModel):
             "slide": lambda rows: self.get_slide_features(
                 patch_features[rows], None if patch_attention_mask is None else patch_attention_mask[rows], normalize=True
             ),
-            "report": lambda rows: self.get_text_features(
-                input_ids[rows],
-                None if attention_mask is None else attention_mask[rows],
-                None if token_type_ids is None else token_type_ids[rows],
-                normalize=True,
+            "report": lambda rows: (
+                F.normalize(self.text_projection(report_hidden[rows].to(self.text_projection.weight.dtype)), dim=-1)
+                if report_hidden is not None
+                else self.get_text_features(
+                    input_ids[rows],
+                    None if attention_mask is None else attention_mask[rows],
+                    None if token_type_ids is None else token_type_ids[rows],
+                    normalize=True,
+                )
             ),
             "rna": lambda rows: self.get_rna_features(rna_bins[rows], None if rna_mask is None else rna_mask[rows], normalize=True),
         }

@@ -151,14 +151,55 @@ def make_loader(dataset, processor, data_args, batch_size: int, seed: int, shuff
 
 
 @torch.no_grad()
-def embed_cohort(model, loader, device) -> dict:
+def encode_reports_once(model, processor, datasets, batch_size: int = 32, progress: bool = False):
+    """{case_id: [CLS] of its report} from the frozen text encoder (eval mode, no dropout), or None when a
+    case's slides carry different reports (then the encoder runs every step as usual). A frozen BioBERT
+    is most of a Stage 1 step's cost; each report is encoded once instead of once per step."""
+    from tqdm.auto import tqdm
+
+    by_case = {}
+    for dataset in datasets:
+        for case, report in zip(dataset["case_id"], dataset["report"]):
+            if report is None or not str(report).strip():
+                continue
+            if by_case.setdefault(case, report) != report:
+                logger.warning("case %s has several different reports: the frozen report encoder is not cached", case)
+                return None
+    cases = sorted(by_case)
+    text_model = model.text_model
+    was_training = text_model.training
+    text_model.eval()
+    cache = {}
+    for start in tqdm(range(0, len(cases), batch_size), desc="encoding reports once", disable=not progress,
+                      leave=False):
+        chunk = cases[start:start + batch_size]
+        tokens = processor.tokenize_reports([by_case[c] for c in chunk], chunk)
+        tokens = {k: v for k, v in tokens.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        hidden = text_model(**tokens, return_dict=True).last_hidden_state[:, 0]
+        cache.update({c: h.float().cpu() for c, h in zip(chunk, hidden)})
+    text_model.train(was_training)
+    return cache
+
+
+def report_hidden_for(cache: dict | None, case_ids, width: int):
+    """[B, width] cached [CLS] rows for a batch's cases (zeros for cases without a report), or None."""
+    if cache is None:
+        return None
+    zero = torch.zeros(width)
+    return torch.stack([cache.get(c, zero) for c in case_ids])
+
+
+@torch.no_grad()
+def embed_cohort(model, loader, device, report_cache: dict | None = None) -> dict:
     """Normalised embeddings of every case of a loader, with presence masks and cancer types."""
     chunks = {k: [] for k in ("slide", "report", "rna", "slide_present", "report_present", "rna_present", "cancer_type",
                               "case_index")}
     was_training = model.training
     model.eval()
     for batch in loader:
-        batch.pop("case_id", None)
+        hidden = report_hidden_for(report_cache, batch.pop("case_id"), model.config.text_config.hidden_size)
+        if hidden is not None:
+            batch["report_hidden"] = hidden
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         out = model(**batch, return_loss=False)
         for key, value in (("slide", out.slide_embeds), ("report", out.text_embeds), ("rna", out.rna_embeds),
@@ -255,6 +296,11 @@ def run_stage1(model_args: Stage1ModelArguments, data_args: Stage1DataArguments,
     if len(eval_set):
         eval_loader, _ = make_loader(eval_set, processor, data_args, args.per_device_eval_batch_size, args.seed, False,
                                      width, 0)
+    report_cache = None
+    if model_args.freeze_text_encoder:
+        report_cache = encode_reports_once(model, processor, [train_set, eval_set], args.per_device_eval_batch_size,
+                                           progress=not args.quiet)
+    text_width = model.config.text_config.hidden_size
     text_params = {id(p) for p in model.text_model.parameters()}
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(model, args, [(n, p) for n, p in named if id(p) not in text_params])
@@ -280,7 +326,7 @@ def run_stage1(model_args: Stage1ModelArguments, data_args: Stage1DataArguments,
     def evaluate():
         if eval_loader is None:
             return None, None
-        embeds = embed_cohort(accelerator.unwrap_model(model), eval_loader, accelerator.device)
+        embeds = embed_cohort(accelerator.unwrap_model(model), eval_loader, accelerator.device, report_cache)
         return retrieval_metrics(embeds), retrieval_metrics_by_case(embeds, embeds["case_index"])
 
     before = evaluate()[0] if completed == 0 else None
@@ -290,7 +336,9 @@ def run_stage1(model_args: Stage1ModelArguments, data_args: Stage1DataArguments,
     batches = resumable_batches(accelerator, train_loader, train_dataset, completed, max_steps,
                                 args.gradient_accumulation_steps)
     for batch in batches:
-        batch.pop("case_id", None)
+        hidden = report_hidden_for(report_cache, batch.pop("case_id"), text_width)
+        if hidden is not None:
+            batch["report_hidden"] = hidden.to(accelerator.device)
         # dropout draws depend only on (seed, step, rank): a resumed run repeats them exactly
         torch.manual_seed(args.seed * 1_000_003 + loop.completed * 101 + accelerator.process_index)
         with accelerator.accumulate(model):
