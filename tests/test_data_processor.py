@@ -134,11 +134,12 @@ def test_remote_code_load_without_the_package(processor, tmp_path):
     import sys
     import textwrap
 
+    previous = MStarProcessor._auto_class  # `import mstar_hf` registers it already; restore whatever was there
     MStarProcessor.register_for_auto_class()
     try:
         processor.save_pretrained(tmp_path)
     finally:
-        MStarProcessor._auto_class = None
+        MStarProcessor._auto_class = previous
     assert (tmp_path / "processing_mstar.py").is_file() and (tmp_path / "rna.py").is_file()
     code = textwrap.dedent(f"""
         import sys

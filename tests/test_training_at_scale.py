@@ -315,3 +315,45 @@ def test_a_frozen_report_encoder_is_run_once_per_report(feature_cohort, tmp_path
     out = tmp_path / "frozen"
     assert main(_stage1_args(feature_cohort / "manifest.csv", out, 2, "--freeze_text_encoder", "true")) == 0
     assert [r["step"] for r in _records(out)] == [1, 2]
+
+
+def test_stage1_with_multi_slide_cases_never_contrasts_a_patient_with_itself(feature_cohort, tmp_path, monkeypatch):
+    """Cases with a second slide (same report and RNA): every InfoNCE call masks the pairs of one case, and
+    retrieval is reported per case beside per slide."""
+    from mstar_hf.data.features import write_slide_features
+    from mstar_hf.modeling import modeling_mstar
+    from mstar_hf.training_utils.stage1 import main
+
+    multi = tmp_path / "multi"
+    shutil.copytree(feature_cohort, multi)
+    frame = pd.read_csv(multi / "manifest.csv")
+    extra = frame[frame["case_id"].isin(["C00", "C01", "C02", "C12", "C13"])].copy()
+    for i, row in extra.iterrows():
+        write_slide_features(multi / "features" / f"{row.case_id}-2.h5", np.random.default_rng(i).normal(size=(9, DIM)))
+    extra["slide_id"] = extra["case_id"] + "-S2"
+    extra["features_path"] = "features/" + extra["case_id"] + "-2.h5"
+    pd.concat([frame, extra]).to_csv(multi / "manifest.csv", index=False)
+
+    calls = []
+    original = modeling_mstar.symmetric_info_nce
+
+    def recording(a, b, scale, groups=None):
+        loss, logits = original(a, b, scale, groups)
+        calls.append((groups.clone(), logits.detach().clone()))
+        return loss, logits
+
+    monkeypatch.setattr(modeling_mstar, "symmetric_info_nce", recording)
+    out = tmp_path / "run"
+    main(_stage1_args(multi / "manifest.csv", out, 4, "--per_device_train_batch_size", "8"))
+    assert calls
+    same_case_pairs = 0
+    for groups, logits in calls:
+        same = (groups[:, None] == groups[None, :]) & ~torch.eye(len(groups), dtype=torch.bool)
+        same_case_pairs += int(same.sum())
+        assert torch.isneginf(logits[same]).all()  # never a negative
+        assert torch.isfinite(logits.diagonal()).all()
+    assert same_case_pairs > 0, "the batches held two slides of one case (the situation under test)"
+    results = json.loads((out / "stage1_results.json").read_text())
+    assert results["eval_cases"] == 6 and results["eval_slides"] == 8
+    assert results["retrieval_by_case"]["slide->report"]["n"] == 6
+    assert results["retrieval"]["slide->report"]["n"] == 8

@@ -211,33 +211,27 @@ def embed_cohort(model, loader, device, report_cache: dict | None = None) -> dic
     return {k: torch.cat(v) for k, v in chunks.items()}
 
 
-def retrieval_metrics(embeds: dict) -> dict:
-    """Recall@1/5/10 for slide->report, slide->RNA and report->RNA over cases having both modalities."""
-    from ..evaluation.retrieval import recall_at_k
+def retrieval_metrics(embeds: dict, by_case: bool = False) -> dict:
+    """Recall@1/5/10 for slide->report, slide->RNA and report->RNA over rows having both modalities. Another
+    slide of the query's own patient never competes with its pair (`case_index`). `by_case`: one row per
+    patient case (its slides' embeddings averaged), so patients with several slides count once."""
+    from ..evaluation.retrieval import case_recall_at_k, recall_at_k
 
     results = {}
     for a, b in RETRIEVAL_DIRECTIONS:
         rows = embeds[f"{a}_present"] & embeds[f"{b}_present"]
         if int(rows.sum()) < 2:
             continue
-        results[f"{a}->{b}"] = recall_at_k(embeds[a][rows], embeds[b][rows], labels=embeds["cancer_type"][rows])
+        cases = embeds["case_index"][rows] if "case_index" in embeds else None
+        if by_case:
+            if cases is None or len(torch.unique(cases)) == int(rows.sum()):
+                continue  # one slide per case: the slide-level figures are the case-level ones
+            results[f"{a}->{b}"] = case_recall_at_k(embeds[a][rows], embeds[b][rows], cases,
+                                                    labels=embeds["cancer_type"][rows])
+        else:
+            results[f"{a}->{b}"] = recall_at_k(embeds[a][rows], embeds[b][rows], labels=embeds["cancer_type"][rows],
+                                               case_ids=cases)
     return results
-
-
-def retrieval_metrics_by_case(embeds: dict, case_index: torch.Tensor) -> dict:
-    """Retrieval with one row per patient case (its slides' embeddings averaged and re-normalised), beside
-    the slide-level figures: patients with several slides do not count several times."""
-    grouped = {}
-    cases, inverse = torch.unique(case_index, return_inverse=True)
-    if len(cases) == len(case_index):
-        return {}
-    for key in ("slide", "report", "rna"):
-        summed = torch.zeros(len(cases), embeds[key].shape[1]).index_add_(0, inverse, embeds[key])
-        grouped[key] = torch.nn.functional.normalize(summed, dim=-1)
-        present = torch.zeros(len(cases), dtype=torch.long).index_add_(0, inverse, embeds[f"{key}_present"].long())
-        grouped[f"{key}_present"] = present > 0
-    grouped["cancer_type"] = torch.full((len(cases),), -1, dtype=torch.long).scatter_(0, inverse, embeds["cancer_type"])
-    return retrieval_metrics(grouped)
 
 
 def run_stage1(model_args: Stage1ModelArguments, data_args: Stage1DataArguments, args: Stage1TrainingArguments) -> dict:
@@ -327,7 +321,7 @@ def run_stage1(model_args: Stage1ModelArguments, data_args: Stage1DataArguments,
         if eval_loader is None:
             return None, None
         embeds = embed_cohort(accelerator.unwrap_model(model), eval_loader, accelerator.device, report_cache)
-        return retrieval_metrics(embeds), retrieval_metrics_by_case(embeds, embeds["case_index"])
+        return retrieval_metrics(embeds), retrieval_metrics(embeds, by_case=True)
 
     before = evaluate()[0] if completed == 0 else None
 
