@@ -35,7 +35,7 @@ FEATURE_SUFFIXES = (".h5", ".hdf5")
 
 def _package_missing(exc: ModuleNotFoundError) -> bool:
     """True when `exc` says mstar_hf itself is not installed (this file then runs as remote code)."""
-    return exc.name == "mstar_hf"
+    return exc.name is not None and (exc.name == "mstar_hf" or exc.name.startswith("mstar_hf."))
 
 
 @dataclass
