@@ -120,14 +120,14 @@ def _open_text(path: str):
     if path.lower().endswith(".gz"):
         import gzip
 
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
+    return open(path, encoding="utf-8-sig", errors="replace")
 
 
-def _sniff_text_table(path: str) -> tuple[int, str]:
+def sniff_text_table(path: str, csv_always_comma: bool = True) -> tuple[int, str]:
     """(number of leading `#` comment lines, separator) of a text table. `.csv` files are
-    comma-separated; other files (.tsv, .txt, GDC's `.normalized_results`, ...) are tab-separated
-    when their first data line holds a tab."""
+    comma-separated (unless `csv_always_comma=False` and their first data line holds a tab); other files
+    (.tsv, .txt, GDC's `.normalized_results`, ...) are tab-separated when their first data line holds a tab."""
     comments, first = 0, ""
     with _open_text(path) as f:
         for line in f:
@@ -137,7 +137,7 @@ def _sniff_text_table(path: str) -> tuple[int, str]:
             first = line
             break
     lower = path.lower()
-    if lower.endswith((".csv", ".csv.gz")):
+    if lower.endswith((".csv", ".csv.gz")) and (csv_always_comma or "\t" not in first):
         return comments, ","
     return comments, "\t" if "\t" in first or not first else ","
 
@@ -145,7 +145,7 @@ def _sniff_text_table(path: str) -> tuple[int, str]:
 def _read_text_table(path: str, case_id) -> "pd.DataFrame":
     import pandas as pd
 
-    comments, sep = _sniff_text_table(path)
+    comments, sep = sniff_text_table(path)
     try:
         return pd.read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False, skiprows=comments)
     except pd.errors.EmptyDataError:
@@ -250,7 +250,7 @@ def read_expression_file(path: str | os.PathLike, case_id: str | None = None,
         frame = pd.read_parquet(path)
         frame.columns = [str(c).strip() for c in frame.columns]
     else:
-        comments, sep = _sniff_text_table(path)
+        comments, sep = sniff_text_table(path)
         with _open_text(path) as f:
             for _ in range(comments):
                 f.readline()
@@ -370,7 +370,7 @@ def read_expression_matrix(path: str | os.PathLike) -> "pd.DataFrame":
         if isinstance(frame.index, pd.RangeIndex):
             frame = frame.set_index(frame.columns[0])
     else:
-        comments, sep = _sniff_text_table(path)
+        comments, sep = sniff_text_table(path)
         raw = pd.read_csv(path, sep=sep, skiprows=comments, dtype=str, keep_default_na=False)
         raw.columns = [str(c).strip() for c in raw.columns]
         if raw.shape[1] < 2:

@@ -98,15 +98,9 @@ def read_table(path: str | os.PathLike, what: str):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path!r}.")
-    comments, first = 0, ""
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for line in f:
-            if line.startswith("#"):
-                comments += 1
-                continue
-            first = line
-            break
-    sep = "," if path.lower().endswith(".csv") and "\t" not in first else ("\t" if "\t" in first else ",")
+    from .rna import sniff_text_table
+
+    comments, sep = sniff_text_table(path, csv_always_comma=False)
     try:
         frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skiprows=comments,
                             encoding="utf-8-sig")
