@@ -60,3 +60,34 @@ def test_reader_rejects_non_feature_files(tmp_path):
     with pytest.raises(ValueError, match="y.h5"):
         open_features(tmp_path / "y.h5")
     assert read_attrs(tmp_path / "missing.h5") is None
+
+
+def test_a_child_forked_during_the_write_does_not_lock_the_finished_file(tmp_path, monkeypatch):
+    # Extraction writes in a thread while DataLoader workers are forked for the next slide: a child
+    # that inherits the open file must not keep an HDF5 lock on it after the rename (CI saw errno 11).
+    import os
+    import signal
+
+    real_file = h5py.File
+    children = []
+
+    def file_then_fork(*args, **kwargs):
+        handle = real_file(*args, **kwargs)
+        pid = os.fork()
+        if pid == 0:  # the "worker": holds every inherited descriptor until killed
+            signal.pause()
+            os._exit(0)
+        children.append(pid)
+        return handle
+
+    monkeypatch.setattr(h5py, "File", file_then_fork)
+    try:
+        path = write_features(tmp_path / "slide.h5", np.zeros((3, 2)), np.ones((3, 4)), ATTRS)
+        monkeypatch.setattr(h5py, "File", real_file)
+        with open_features(path) as ff:  # while the child still lives
+            assert len(ff) == 3
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert children

@@ -60,7 +60,9 @@ def write_features(path, coords, features, attrs: dict | None = None) -> Path:
         raise ValueError(f"{path}: features {features.shape} do not match coords {coords.shape}")
     tmp = tmp_path_for(path)
     try:
-        with h5py.File(tmp, "w") as f:
+        # No HDF5 file lock: the file is private under its temporary name, and the writer thread runs while
+        # reader workers are forked; a forked child would inherit the lock and keep it on the finished file.
+        with h5py.File(tmp, "w", locking=False) as f:
             f.create_dataset("coords", data=coords)
             # Row-chunked so later stages can read a few patches without the whole matrix.
             chunk_rows = max(1, min(len(features), max(1, (1 << 20) // max(1, features.shape[1] * 4))))
