@@ -120,3 +120,15 @@ def test_paired_comparison_over_cases():
     assert same["delta"] == 0.0 and same["ci_low"] == 0.0 == same["ci_high"]
     s = ep.summarise(y, np.r_[np.ones(15), np.zeros(15)], num_samples=200)
     assert s["balanced_accuracy"] == pytest.approx((1 + 0.5 + 0) / 3) and s["ci_low"] < s["balanced_accuracy"] < s["ci_high"]
+
+
+def test_mean_pairwise_cosine_tells_a_collapsed_space():
+    rng = np.random.default_rng(0)
+    spread = rng.standard_normal((300, 16))
+    collapsed = np.ones(16) * 5 + 0.1 * spread  # one shared direction plus a little
+    assert abs(ep.mean_pairwise_cosine(spread)) < 0.05
+    assert ep.mean_pairwise_cosine(collapsed) > 0.99
+    # a sample is used above max_rows: about the same figure
+    assert abs(ep.mean_pairwise_cosine(collapsed, max_rows=50) - ep.mean_pairwise_cosine(collapsed)) < 1e-3
+    with pytest.raises(ValueError, match="n >= 2"):
+        ep.mean_pairwise_cosine(spread[:1])

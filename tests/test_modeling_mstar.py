@@ -174,3 +174,23 @@ def test_patch_features_spaces(tiny_config):
     assert model.get_patch_features(pixel_values=pixels).pooler_output.shape == (2, 32)
     with pytest.raises(ValueError, match="wrong feature width: expected 64, got 1024"):
         model.get_patch_features(patch_features=torch.randn(2, 1024))
+
+
+def test_other_cancer_negatives_mask_same_type_pairs(tiny_config):
+    """`contrastive_negatives="other_cancer"`: a same-type case is never a negative (as two slides of one
+    case); the InfoNCE equals a hand computation with those logits masked, and differs from "all"."""
+    batch = _batch()
+    cancer = torch.tensor([0, 0, 1, 1, 2, -1])  # the last type is unknown: it stays a negative of everyone
+    out_all = _eval_model(tiny_config)(**batch, cancer_type=cancer, return_loss=True)
+    config = MStarConfig.from_dict({**tiny_config.to_dict(), "contrastive_negatives": "other_cancer"})
+    model = _eval_model(config)
+    out = model(**batch, cancer_type=cancer, return_loss=True)
+    logits = model.logit_scale.exp() * out.slide_embeds @ out.text_embeds.T
+    same = (cancer[:, None] == cancer[None, :]) & (cancer[:, None] >= 0) & ~torch.eye(6, dtype=torch.bool)
+    logits = logits.masked_fill(same, float("-inf"))
+    target = torch.arange(6)
+    expected = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    assert torch.allclose(out.pair_losses["slide_report"], expected, atol=1e-6)
+    assert not torch.allclose(out.pair_losses["slide_report"], out_all.pair_losses["slide_report"])
+    with pytest.raises(ValueError, match="contrastive_negatives"):
+        MStarConfig.from_dict({**tiny_config.to_dict(), "contrastive_negatives": "same_cancer"})

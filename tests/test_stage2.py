@@ -406,3 +406,42 @@ def test_a_bad_slide_stops_the_run_before_step_1_unless_skipped(env, run_manifes
     assert proc.returncode != 0
     assert "1 bad slide(s), nothing was trained" in proc.stderr and "SYN-9999-01.tiff: file not found" in proc.stderr
     assert not (tmp_path / "run" / "loss_log.jsonl").exists()
+
+
+def test_stain_jitter_changes_stain_not_layout():
+    """H&E stain jitter: identity at scale 1 / shift 0; seeded; moves tissue colour while white stays near white."""
+    from mstar_hf.training_utils.augment import HEAugment, stain_jitter
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(1, 256, (3, 16, 16), generator=g).float()
+    torch.testing.assert_close(stain_jitter(image.flatten(1), torch.ones(3), torch.zeros(3)).view_as(image), image,
+                               atol=1e-3, rtol=1e-4)
+    tissue = torch.tensor([150.0, 80.0, 160.0])[:, None, None].expand(3, 8, 8).clone()
+    tile = torch.cat([tissue, torch.full((3, 8, 8), 250.0)], dim=2).to(torch.uint8)  # left: purple, right: white
+    aug = HEAugment(flips=False, rotate90=False, color_jitter=0, hue_jitter=0, stain_jitter=0.3)
+    a, b = aug(tile, torch.Generator().manual_seed(4)), aug(tile, torch.Generator().manual_seed(4))
+    assert a.dtype == torch.uint8 and torch.equal(a, b)
+    moved = [(aug(tile, torch.Generator().manual_seed(s)).float() - tile.float())[:, :, :8].abs().mean() for s in range(5)]
+    assert max(moved) > 5  # the stained half changes colour ...
+    white = [(aug(tile, torch.Generator().manual_seed(s)).float() - tile.float())[:, :, 8:].abs().max() for s in range(5)]
+    assert max(white) < max(moved)  # ... more than the background does
+    plain = HEAugment(color_jitter=0.1, hue_jitter=0.05)  # off: the same draws (and tiles) as without the option
+    assert torch.equal(plain(tile, torch.Generator().manual_seed(2)),
+                       HEAugment(color_jitter=0.1, hue_jitter=0.05, stain_jitter=0.0)(tile, torch.Generator().manual_seed(2)))
+
+
+def test_centred_targets_regress_what_differs_between_patches():
+    """`center_targets`: the running mean of the teacher targets is subtracted from both sides of the loss."""
+    from mstar_hf.training_utils.stage2_step import Stage2Student, distillation_loss
+
+    student = Stage2Student(torch.nn.Identity(), torch.nn.Linear(4, 3), center_targets=True, center_momentum=0.5)
+    t1, t2 = torch.randn(5, 3), torch.randn(5, 3)
+    torch.testing.assert_close(student.update_target_mean(t1), t1.mean(0))  # the first batch sets it
+    torch.testing.assert_close(student.update_target_mean(t2), 0.5 * t1.mean(0) + 0.5 * t2.mean(0))
+    assert int(student.target_mean_steps) == 2 and "target_mean" in student.state_dict()  # saved with checkpoints
+    # a prediction that is the mean target plus noise: plain cosine looks good, the centred one does not
+    shared = torch.tensor([10.0, 0.0, 0.0])
+    targets = shared + torch.randn(64, 3)
+    pred = shared + torch.randn(64, 3)
+    assert float(distillation_loss(pred, targets, "cosine")) < 0.1
+    assert float(distillation_loss(pred - targets.mean(0), targets - targets.mean(0), "cosine")) > 0.5

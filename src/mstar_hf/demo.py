@@ -351,6 +351,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
         downstream = demo_eval.encoder_comparison(train_cases, test_cases, {"initial": init_bags, "stage2": stage2_bags},
                                                   seed=settings.seed)
         distillation = demo_eval.distillation_report(stage1_dir, stage2_dir / "mstar_model", init_bags, stage2_bags)
+        collapse = demo_eval.collapse_report(stage1_dir, *init_bags)
 
     real = None
     if slide:
@@ -378,6 +379,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
         "difficulty": difficulty,
         "stage2_downstream": downstream,
         "stage2_distillation": distillation,
+        "mean_pairwise_cosine": collapse,
         "few_shot": {k: v for k, v in few_shot.items() if k not in ("predicted", "truth")},
         # held-out reports through the pipeline (val + test); the training script evaluates them with generate()
         "report_generation": reports,
@@ -476,6 +478,11 @@ def summary_table(results: dict) -> str:
                      f"mean {mt['centred_cosine']:.3f} / {mt['r2']:.3f}; linear {rg['centred_cosine']:.3f} / {rg['r2']:.3f}"))
         rows.append((f"Stage 2 target: patch retrieval@1 (n={st['n']})", f"{st['retrieval@1']:.3f}",
                      f"mean target {mt['retrieval@1']:.3f} (goal >= 5x); linear {rg['retrieval@1']:.3f}"))
+    spread = results.get("mean_pairwise_cosine")
+    if spread:
+        rows.append(("mean pairwise cosine: initial patch features / Stage 1 held-out slide embeddings",
+                     f"{spread['initial_patch_features']:.3f} / {spread['stage1_slide_embeddings']:.3f}",
+                     "near 1: a collapsed space (every slide looks alike to cosine comparisons)"))
     s2 = results.get("stage2") or {}
     if "cosine_before" in s2:
         rows.append(("Stage 2 training log: student-teacher cosine", f"{s2['cosine_before']:.3f} -> {s2['cosine_after']:.3f}",
@@ -492,7 +499,7 @@ def summary_table(results: dict) -> str:
     rows.append(("report encoder", results["text_encoder"], ""))
     cpu = results.get("cpu_s")
     rows.append(("total runtime", f"{results['total_s']:.0f} s wall" + (f", {cpu:.0f} s CPU (user+sys)" if cpu else ""),
-                 "goal <= 180 s on 2 idle cores (quick: less); wall depends on the machine's load"))
+                 "goal on 2 cores: <= 600 s (full), <= 180 s (--quick); wall depends on the machine's load"))
     if results.get("resumed_stages"):
         rows.append(("resumed from an earlier run", ", ".join(results["resumed_stages"]), "their time is not counted"))
     width = [max(len(str(row[i])) for row in rows) for i in range(3)]

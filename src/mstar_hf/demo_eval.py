@@ -6,6 +6,8 @@
 * `encoder_comparison`: the paper's downstream protocols (linear probe, few-shot prototypes, ABMIL) on the
   features of the initial and of the Stage 2 encoder, with bootstrap CIs over cases and a paired
   bootstrap of the difference.
+* `collapse_report`: whether the initial features and Stage 1's slide embeddings are spread out or
+  nearly collinear (mean pairwise cosine).
 * `distillation_report`: Stage 2's own target, measured so a bias cannot pass: the frozen Stage 1
   aggregator's patch tokens of held-out slides (the teacher) against the Stage 2 student's projected
   features, as centred cosine, R^2 and patch retrieval@1, beside predicting the mean training target and
@@ -152,6 +154,21 @@ def distillation_report(stage1_dir, stage2_model_dir, init_bags: tuple[list, lis
 
 
 
+@torch.no_grad()
+def collapse_report(stage1_dir, train_bags: list, test_bags: list) -> dict:
+    """How spread out the spaces are (`encoder_probes.mean_pairwise_cosine`, near 1 = collapsed): the
+    initial encoder's patch features (training slides) and Stage 1's projected slide embeddings of the
+    held-out slides. A random patch encoder's features can be nearly collinear; then so are the slide
+    embeddings built on them, and zero-shot picks the same class for every slide."""
+    from .modeling import MStarModel
+
+    model = MStarModel.from_pretrained(str(stage1_dir), dtype=torch.float32).eval()
+    slides = torch.cat([model.get_slide_features(torch.as_tensor(b, dtype=torch.float32)[None]).pooler_output
+                        for b in test_bags])
+    return {"initial_patch_features": probes.mean_pairwise_cosine(np.concatenate(train_bags)),
+            "stage1_slide_embeddings": probes.mean_pairwise_cosine(slides.double().numpy())}
+
+
 def shuffled_pairing_manifest(manifest: str | Path, out_path: str | Path, seed: int = 0,
                               splits: tuple[str, ...] = ("train",)) -> Path:
     """A copy of `manifest` where the reports and the RNA profiles of the cases in `splits` are permuted
@@ -179,5 +196,5 @@ def shuffled_pairing_manifest(manifest: str | Path, out_path: str | Path, seed: 
     return out_path
 
 
-__all__ = ["FEW_SHOT_K", "difficulty_baselines", "distillation_report", "encoder_comparison", "features_path",
+__all__ = ["FEW_SHOT_K", "collapse_report", "difficulty_baselines", "distillation_report", "encoder_comparison", "features_path",
            "load_bags", "patch_mean_rgb", "shuffled_pairing_manifest"]

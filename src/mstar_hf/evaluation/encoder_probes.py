@@ -195,5 +195,20 @@ def distillation_metrics(pred, target, train_target_mean) -> dict:
     }
 
 
+def mean_pairwise_cosine(vectors, max_rows: int = 2000, seed: int = 0) -> float:
+    """Mean cosine between distinct rows of `vectors` [n, D] (a seeded sample of at most `max_rows`): near 1
+    means the vectors are nearly collinear, a collapsed space in which nearest-prototype and cosine
+    comparisons see little but the shared direction."""
+    v = np.asarray(vectors, np.float64)
+    if v.ndim != 2 or len(v) < 2:
+        raise ValueError(f"need [n >= 2, D] vectors, got shape {v.shape}.")
+    if len(v) > max_rows:
+        v = v[np.random.default_rng(seed).choice(len(v), max_rows, replace=False)]
+    u = v / np.linalg.norm(v, axis=1, keepdims=True).clip(min=1e-12)
+    sims = u @ u.T
+    n = len(u)
+    return float((sims.sum() - np.trace(sims)) / (n * (n - 1)))
+
+
 __all__ = ["abmil_probe", "balanced_accuracy_of", "compare_encoders", "distillation_metrics", "few_shot_prototypes",
-           "linear_probe", "nearest_centroid", "summarise", "unit_mean"]
+           "linear_probe", "mean_pairwise_cosine", "nearest_centroid", "summarise", "unit_mean"]

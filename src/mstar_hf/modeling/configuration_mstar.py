@@ -152,6 +152,9 @@ class MStarGeneConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
 
+CONTRASTIVE_NEGATIVES = ("all", "other_cancer")
+
+
 @strict
 class MStarConfig(PreTrainedConfig):
     r"""
@@ -170,6 +173,12 @@ class MStarConfig(PreTrainedConfig):
         triplet_margin (`float`, *optional*, defaults to 0.3): margin of the inter-cancer triplet loss.
         contrastive_loss_weight (`float`, *optional*, defaults to 1.0): weight of the InfoNCE terms.
         triplet_loss_weight (`float`, *optional*, defaults to 1.0): weight of the triplet term.
+        contrastive_negatives (`str`, *optional*, defaults to `"all"`): which other cases are InfoNCE negatives.
+            `"all"` (the CLIP recipe): every other case of the batch. `"other_cancer"`: only cases of another
+            (known) cancer type; same-type pairs are masked like two slides of one case. Use it when the
+            modalities of same-type cases hardly differ (e.g. templated reports): then a same-type negative
+            is a false negative, and the loss is lowest when the slide encoder memorises each training slide
+            (by its stain, say) instead of learning what its cancer type looks like.
         initializer_range (`float`, *optional*, defaults to 0.02): std of the projections' init.
     """
 
@@ -190,10 +199,14 @@ class MStarConfig(PreTrainedConfig):
     triplet_margin: float = 0.3
     contrastive_loss_weight: float = 1.0
     triplet_loss_weight: float = 1.0
+    contrastive_negatives: str = "all"
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.contrastive_negatives not in CONTRASTIVE_NEGATIVES:
+            raise ValueError(f"MStarConfig: contrastive_negatives must be one of {CONTRASTIVE_NEGATIVES}, "
+                             f"got {self.contrastive_negatives!r}.")
         patch_width = self.patch_config.hidden_size
         if patch_width is not None and patch_width != self.aggregator_config.input_dim:
             raise ValueError(

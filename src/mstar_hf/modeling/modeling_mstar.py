@@ -69,6 +69,17 @@ def symmetric_info_nce(
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2, logits
 
 
+def _negative_groups(case_index, cancer_type, negatives: str, batch: int, device) -> torch.Tensor | None:
+    """Group ids [B] for `symmetric_info_nce`: rows of one case never negatives of each other, and with
+    `negatives="other_cancer"` neither are rows of one known cancer type (unknown types, -1, stay apart)."""
+    if negatives != "other_cancer" or cancer_type is None:
+        return case_index
+    case = case_index if case_index is not None else torch.arange(batch, device=device)
+    known = cancer_type >= 0
+    # a known type maps to its own id; an unknown one keeps its case id, shifted past every type id
+    return torch.where(known, cancer_type.long(), case.long() + int(cancer_type.max().clamp(min=0)) + 1)
+
+
 def _world() -> tuple[int, int]:
     """(rank, world size) of the default process group; (0, 1) outside torch.distributed."""
     import torch.distributed as dist
@@ -491,11 +502,12 @@ class MStarModel(MStarPreTrainedModel):
                 g_type = None if g_type is None else gather_batch(g_type, with_grad=False)
                 g_case = None if g_case is None else gather_batch(g_case, with_grad=False)
             scale = scale.float()
+            groups = _negative_groups(g_case, g_type, self.config.contrastive_negatives, len(g_present["slide"]), device)
             for a, b in PAIRS:
                 rows = (g_present[a] & g_present[b]).nonzero().flatten()
                 if len(rows) >= 2:  # a single pair has no negative: nothing to contrast
                     pair_losses[f"{a}_{b}"], _ = symmetric_info_nce(
-                        g_embeds[a][rows], g_embeds[b][rows], scale, None if g_case is None else g_case[rows]
+                        g_embeds[a][rows], g_embeds[b][rows], scale, None if groups is None else groups[rows]
                     )
             zero = sum(e.sum() for e in g_embeds.values()) * 0.0 + self.logit_scale.float() * 0.0
             contrastive = torch.stack(list(pair_losses.values())).mean() if pair_losses else zero

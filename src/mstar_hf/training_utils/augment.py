@@ -1,4 +1,5 @@
-"""Light H&E augmentation for Stage 2 tiles: flips, right-angle rotations and a small colour jitter.
+"""H&E augmentation for Stage 2 tiles: flips, right-angle rotations, a small colour jitter and, optionally,
+stain jitter in hematoxylin-eosin-DAB space.
 
 Tissue has no canonical orientation, so flips and 90-degree turns are free; stain and scanner colour
 varies a little between sites, so brightness / contrast / saturation change by at most `color_jitter`
@@ -9,6 +10,12 @@ saturation as a blend with the luma, contrast as a blend with the mean luma), so
 one 3x3 matrix and offset per image and applied in a single pass: about 1 ms per 224 px tile in a
 DataLoader worker, where torchvision's HSV round trip costs two orders of magnitude more. Every draw
 comes from a `torch.Generator` the caller seeds, so a resumed run sees the same augmented tiles.
+
+Stain jitter (Tellez et al. 2018, "H&E-stain augmentation"): optical density `-log(rgb / 255)` is split
+into hematoxylin, eosin and DAB concentrations (Ruifrok-Johnston colour deconvolution), each scaled by
+`1 + U(-s, s)` and shifted by `U(-s, s) * 0.05`, and recombined. It imitates the stain differences between
+labs and scanners, which are far larger than a colour jitter: a student that sees them learns features
+that do not follow the stain.
 """
 
 from __future__ import annotations
@@ -20,6 +27,18 @@ import torch
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+# Ruifrok & Johnston stain vectors (rows: H, E, DAB optical density per unit concentration), as skimage's rgb2hed
+_RGB_FROM_HED = torch.nn.functional.normalize(
+    torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]]), dim=1)
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+
+
+def stain_jitter(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x: [3, P] RGB in 0..255 (float) -> the same pixels with H, E, DAB concentrations `c * scale + shift`."""
+    od = -torch.log(x.clamp(min=1.0) / 255.0)
+    conc = _HED_FROM_RGB.T @ od  # od = RGB_FROM_HED.T @ conc
+    conc = conc * scale[:, None] + shift[:, None]
+    return (255.0 * torch.exp(-(_RGB_FROM_HED.T @ conc))).clamp_(0.0, 255.0)
 
 
 def color_matrix(brightness: float, contrast: float, saturation: float, hue: float, mean_luma: float):
@@ -41,10 +60,13 @@ class HEAugment:
     rotate90: bool = True
     color_jitter: float = 0.05
     hue_jitter: float = 0.02
+    stain_jitter: float = 0.0
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """image: [3, H, W] (uint8, or float in 0..255) -> same dtype, augmented."""
         draws = torch.rand(7, generator=generator).tolist()
+        # drawn only when used: a run without stain jitter sees the same tiles as before it existed
+        stain = torch.rand(6, generator=generator) * 2 - 1 if self.stain_jitter > 0 else None
         if self.flips:
             if draws[0] < 0.5:
                 image = image.flip(-1)
@@ -53,6 +75,11 @@ class HEAugment:
         if self.rotate90 and image.shape[-1] == image.shape[-2]:
             image = torch.rot90(image, int(draws[2] * 4) % 4, dims=(-2, -1))
         j, h = self.color_jitter, self.hue_jitter
+        if stain is not None:
+            out = stain_jitter(image.to(torch.float32).flatten(1), 1.0 + self.stain_jitter * stain[:3],
+                               0.05 * self.stain_jitter * stain[3:])
+            out = out.view(image.shape)
+            image = out.round_().to(torch.uint8) if image.dtype == torch.uint8 else out
         if j > 0 or h > 0:
             x = image.to(torch.float32)
             mean_luma = float((_LUMA @ x.flatten(1).mean(dim=1)))
@@ -63,4 +90,4 @@ class HEAugment:
         return image.contiguous()
 
 
-__all__ = ["HEAugment", "color_matrix"]
+__all__ = ["HEAugment", "color_matrix", "stain_jitter"]

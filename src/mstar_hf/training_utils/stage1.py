@@ -49,6 +49,9 @@ class Stage1ModelArguments:
     triplet_margin: float = field(default=0.3)
     triplet_loss_weight: float = field(default=1.0)
     contrastive_loss_weight: float = field(default=1.0)
+    contrastive_negatives: str = field(default="all", metadata={
+        "help": "InfoNCE negatives: 'all' other cases of the batch (CLIP), or 'other_cancer' (same-type cases are "
+                "not negatives; for cohorts whose reports/RNA hardly differ within a type)."})
     freeze_text_encoder: bool = field(default=False, metadata={"help": "Keep the report encoder's weights fixed."})
     text_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the report encoder (default: --learning_rate)."}
@@ -121,6 +124,7 @@ def build_processor_and_model(model_args: Stage1ModelArguments, data_args: Stage
         triplet_margin=model_args.triplet_margin,
         triplet_loss_weight=model_args.triplet_loss_weight,
         contrastive_loss_weight=model_args.contrastive_loss_weight,
+        contrastive_negatives=model_args.contrastive_negatives,
         projection_dim=model_args.projection_dim or mstar_config(size, num_genes=2).projection_dim,
     )
     model = MStarModel.from_submodels(

@@ -101,6 +101,9 @@ class Stage2Arguments:
     context_size: int = field(default=4096, metadata={
         "help": "Most memory rows the aggregator sees per slide (always including the sampled ones); 0: all."})
     loss: str = field(default="cosine", metadata={"help": f"Student-teacher regression loss: {' | '.join(LOSSES)}."})
+    center_targets: bool = field(default=False, metadata={
+        "help": "Regress centred vectors: prediction and target minus a running mean of the targets (the "
+                "aggregator's patch tokens share one direction that a plain cosine rewards a bias for)."})
     ema_consistency_weight: float = field(default=0.6, metadata={"help": "Weight of the EMA consistency term."})
     ema_momentum: float = field(default=0.996, metadata={"help": "EMA momentum (per optimizer step)."})
     no_grad_precision: str = field(default="auto", metadata={
@@ -110,6 +113,9 @@ class Stage2Arguments:
     augment: bool = field(default=True, metadata={"help": "H&E augmentation: flips, 90-degree turns, colour jitter."})
     color_jitter: float = field(default=0.05, metadata={"help": "Max relative brightness/contrast/saturation change."})
     hue_jitter: float = field(default=0.02, metadata={"help": "Max hue shift (fraction of the hue circle)."})
+    stain_jitter: float = field(default=0.0, metadata={
+        "help": "H&E stain augmentation strength s: hematoxylin/eosin/DAB concentrations scaled by 1 + U(-s, s) "
+                "(0: off; 0.05 light, 0.2 strong, as Tellez et al. 2018)."})
     memory_dir: str | None = field(default=None, metadata={"help": "Working memory bank (default output_dir/memory)."})
     memory_dtype: str = field(default="float32", metadata={"help": f"Memory storage: {' | '.join(DTYPES)}."})
     final_weights: str = field(default="student", metadata={"help": "Saved encoder: 'student' or its 'ema' copy."})
@@ -238,7 +244,7 @@ def main(argv=None) -> int:
         stage1 = load_stage1(s2.stage1_model)
     image_processor = load_image_processor(s2.image_processor or s2.stage1_model)
     width = stage1.aggregator.config.input_dim
-    student = Stage2Student(stage1.patch_model, stage1.patch_projection)
+    student = Stage2Student(stage1.patch_model, stage1.patch_projection, center_targets=s2.center_targets)
     aggregator = stage1.aggregator
     del stage1  # the text and RNA encoders are not needed
 
@@ -348,7 +354,7 @@ def main(argv=None) -> int:
     if device.type == "cpu" and args.dataloader_num_workers > 0:
         # as in feature extraction: leave the readers their cores, or they stall the compute threads
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world - args.dataloader_num_workers))
-    augment = HEAugment(color_jitter=s2.color_jitter, hue_jitter=s2.hue_jitter) if s2.augment else None
+    augment = HEAugment(color_jitter=s2.color_jitter, hue_jitter=s2.hue_jitter, stain_jitter=s2.stain_jitter) if s2.augment else None
     ga = args.gradient_accumulation_steps
 
     def to_device(batch):

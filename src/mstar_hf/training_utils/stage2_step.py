@@ -8,7 +8,8 @@ One step on a batch of tiles of a few slides:
    `context_size` rows that always include the sampled ones, in the slide's order) -> the targets are
    its `patch_embeds` at the sampled rows (no grad);
 3. the student (patch encoder + `patch_projection`) embeds the tiles; the loss is the distance of its
-   projected feature to the target (`cosine` or `smooth_l1`) plus `consistency_weight` x (1 - cosine of
+   projected feature to the target (`cosine` or `smooth_l1`; optionally both centred on the running mean
+   target, see `Stage2Student`) plus `consistency_weight` x (1 - cosine of
    its encoder feature with the EMA feature of step 1): the one EMA forward serves both.
 """
 
@@ -30,12 +31,39 @@ EVAL_STEP = 2**31 - 1  # seeds the evaluation's context draws (training steps ne
 
 class Stage2Student(nn.Module):
     """Patch encoder + projection into the aggregator's token space: `forward(pixel_values)` ->
-    (encoder features [B, D], projected features [B, H])."""
+    (encoder features [B, D], projected features [B, H]).
 
-    def __init__(self, patch_model: nn.Module, patch_projection: nn.Linear):
+    `center_targets`: the regression runs on centred vectors, `pred - m` onto `target - m`, with `m` a
+    running mean of the teacher's targets (buffer `target_mean`, saved in checkpoints). The aggregator's
+    patch tokens share one dominant direction (its final LayerNorm and the slide context), so a plain cosine
+    is mostly met by the projection's bias and teaches the encoder little; centred, the loss is about what
+    differs between patches.
+    """
+
+    def __init__(self, patch_model: nn.Module, patch_projection: nn.Linear, center_targets: bool = False,
+                 center_momentum: float = 0.9):
         super().__init__()
         self.patch_model = patch_model
         self.patch_projection = patch_projection
+        self.center_targets = bool(center_targets)
+        self.center_momentum = float(center_momentum)
+        width = patch_projection.out_features
+        self.register_buffer("target_mean", torch.zeros(width))
+        self.register_buffer("target_mean_steps", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update_target_mean(self, targets: torch.Tensor) -> torch.Tensor:
+        """Folds the batch's mean target (over every process) into `target_mean`; returns the new mean."""
+        import torch.distributed as dist
+
+        batch_mean = targets.float().mean(dim=0)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(batch_mean)
+            batch_mean /= dist.get_world_size()
+        m = self.center_momentum if int(self.target_mean_steps) > 0 else 0.0
+        self.target_mean.mul_(m).add_(batch_mean.to(self.target_mean.dtype), alpha=1.0 - m)
+        self.target_mean_steps += 1
+        return self.target_mean.float()
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # DeepSpeed bf16 keeps bf16 weights and does not cast inputs
@@ -195,7 +223,12 @@ def stage2_forward(student, ema, teacher: MemoryTeacher, batch: dict, loss_kind:
     ema_features = ema_features_to_memory(ema, teacher.memory, pixel_values, batch["slide"], batch["row"], autocast)
     targets = teacher.targets(batch["slide"], batch["row"], int(batch["step"]), device, autocast)
     student_features, projected = student(pixel_values)
-    distill = distillation_loss(projected, targets, loss_kind)
+    core = getattr(student, "module", student)  # DDP / DeepSpeed wrap the student
+    if getattr(core, "center_targets", False):
+        mean = core.update_target_mean(targets).to(targets.device)
+        distill = distillation_loss(projected.float() - mean, targets - mean, loss_kind)
+    else:
+        distill = distillation_loss(projected, targets, loss_kind)
     consistency = consistency_loss(student_features, ema_features)
     loss = distill + consistency_weight * consistency
     return Stage2StepOutput(loss, distill, consistency, student_features, ema_features, targets)
