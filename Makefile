@@ -6,6 +6,8 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # what `make test` runs (CI's clone check narrows it: `make test TESTS="tests/test_x.py"`)
 TESTS ?= tests
+# pytest-xdist workers, one test file each at a time (module fixtures are built once): up to 4, one per core
+TEST_WORKERS ?= $(shell python3 -c "import os; print(max(1, min(4, os.cpu_count() or 1)))")
 
 .PHONY: install demo test bench clean
 
@@ -25,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mstar-hf demo --out demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(TESTS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(TESTS)
 
 bench: $(STAMP)
 	$(PY) bench/aggregator_scaling.py

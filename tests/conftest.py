@@ -12,7 +12,19 @@ REAL_SLIDE = ROOT / "tests" / "data" / "CMU-1-Small-Region.svs"  # in the reposi
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub (the hub tests run their own server)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# `make test` runs the files on several pytest-xdist workers: the cores are shared among them (two 2-thread
+# torch processes on 2 cores slow each other down many times over), and each worker's distributed runs
+# (torchrun, accelerate, DeepSpeed) rendezvous on a port of its own instead of everyone's default 29500.
+_WORKERS = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    import socket
+
+    with socket.socket() as _s:
+        _s.bind(("127.0.0.1", 0))
+        _port = str(_s.getsockname()[1])
+    os.environ["MASTER_PORT"] = os.environ["PET_MASTER_PORT"] = _port  # PET_*: torchrun's --master_port
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
