@@ -28,6 +28,9 @@ DEFAULT_VARIANTS = (
     ("smooth-L1", "--loss smooth_l1"),
     ("centred cosine", "--loss cosine --center_targets true"),
     ("centred cosine + stain jitter, 5x steps", "--loss cosine --center_targets true --stain_jitter 0.2 --steps x5"),
+    ("demo default (centred, lr 1.5e-3, EMA weight 0.1, stain 0.2, 80 steps)",
+     "--loss cosine --center_targets true --learning_rate 1.5e-3 --ema_consistency_weight 0.1 --stain_jitter 0.2 "
+     "--max_train_steps 80"),
 )
 
 
@@ -42,6 +45,9 @@ def run_variant(demo: Path, name: str, flags: str, work: Path, steps: int, quiet
         i = args.index("--steps")
         steps = steps * int(args[i + 1].lstrip("x"))
         del args[i:i + 2]
+    for i, flag in enumerate(args[:-1]):  # an explicit step count wins (as in argparse, the last one)
+        if flag == "--max_train_steps":
+            steps = int(args[i + 1])
     out = work / name.replace(" ", "_").replace("/", "_").replace(",", "")
     if out.exists():
         shutil.rmtree(out)

@@ -408,6 +408,21 @@ def test_a_bad_slide_stops_the_run_before_step_1_unless_skipped(env, run_manifes
     assert not (tmp_path / "run" / "loss_log.jsonl").exists()
 
 
+def test_in_process_run_gives_the_caller_its_thread_count_back(env, run_manifest, tmp_path):
+    """The run sizes torch's threads for its readers; the demo calls it in-process and must get its own back
+    (it once ran the report generator and the evaluation on one of two cores)."""
+    from mstar_hf.training_utils import stage2
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert stage2.main(_args(env, tmp_path / "run", 1)) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert (tmp_path / "run" / "patch_encoder" / "config.json").is_file()
+
+
 def test_stain_jitter_changes_stain_not_layout():
     """H&E stain jitter: identity at scale 1 / shift 0; seeded; moves tissue colour while white stays near white."""
     from mstar_hf.training_utils.augment import HEAugment, stain_jitter

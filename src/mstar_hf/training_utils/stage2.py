@@ -223,6 +223,16 @@ def no_grad_autocast(accelerator, requested: str):
 
 # -- main --------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
+    # the run sizes torch's compute threads to leave its readers their cores; a caller in the same process
+    # (the demo, a notebook) gets its own thread count back
+    threads = torch.get_num_threads()
+    try:
+        return _run(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(argv=None) -> int:
     s2, args = parse_args(argv)
     accelerator = make_accelerator(args, "mstar_stage2")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
