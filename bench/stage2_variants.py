@@ -28,10 +28,17 @@ DEFAULT_VARIANTS = (
     ("smooth-L1", "--loss smooth_l1"),
     ("centred cosine", "--loss cosine --center_targets true"),
     ("centred cosine + stain jitter, 5x steps", "--loss cosine --center_targets true --stain_jitter 0.2 --steps x5"),
-    ("demo default (centred, lr 1.5e-3, EMA weight 0.1, stain 0.2, 80 steps)",
-     "--loss cosine --center_targets true --learning_rate 1.5e-3 --ema_consistency_weight 0.1 --stain_jitter 0.2 "
-     "--max_train_steps 80"),
 )
+
+
+def demo_default_variant() -> tuple[str, str]:
+    """The Stage 2 settings the demo runs with (`DemoSettings`), as a variant: read, not copied."""
+    from mstar_hf.demo import DemoSettings
+
+    d = DemoSettings()
+    return ("demo default", f"--loss cosine --center_targets {str(d.stage2_center_targets).lower()} "
+            f"--learning_rate {d.stage2_learning_rate} --ema_consistency_weight {d.stage2_consistency_weight} "
+            f"--stain_jitter {d.stage2_stain_jitter} --max_train_steps {d.stage2_steps}")
 
 
 def run_variant(demo: Path, name: str, flags: str, work: Path, steps: int, quiet: bool = True) -> dict:
@@ -99,7 +106,8 @@ def main(argv=None) -> int:
     demo = Path(args.demo)
     results = json.loads((demo / "results.json").read_text())  # a finished demo: its settings and Stage 2 steps
     steps = int(results["settings"]["stage2_steps"])
-    variants = [tuple(v.split(":", 1)) for v in args.variant] if args.variant else DEFAULT_VARIANTS
+    variants = ([tuple(v.split(":", 1)) for v in args.variant] if args.variant
+                else [*DEFAULT_VARIANTS, demo_default_variant()])
     work = Path(args.workdir) if args.workdir else demo / "stage2_variants"
     work.mkdir(parents=True, exist_ok=True)
     rows = []
