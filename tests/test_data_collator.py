@@ -168,3 +168,49 @@ def test_workers_give_same_batches(cohort, processor):
     parallel = list(build_cohort_dataloader(cohort, processor, num_workers=2, **kwargs))
     for a, b in zip(serial, parallel):
         assert a["case_id"] == b["case_id"] and torch.equal(a["patch_features"], b["patch_features"])
+
+
+def test_cached_reads_give_the_items_of_uncached_reads(cohort, processor):
+    """The per-process cache (feature files, processed RNA) changes what is read from disk, not what is
+    returned: the same sampled rows, coords and RNA over several epochs; an item changed by its caller
+    does not change the cache."""
+    cached = CohortTorchDataset(cohort, processor, max_patches=8, feature_dim=DIM, return_coords=True)
+    plain = CohortTorchDataset(cohort, processor, max_patches=8, feature_dim=DIM, return_coords=True, cache_mb=0)
+    assert plain.cache.max_bytes == 0
+    for epoch in range(3):
+        cached.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        for i in range(len(cohort)):
+            a, b = cached[i], plain[i]
+            assert a.keys() == b.keys()
+            for key in a:
+                if torch.is_tensor(a[key]):
+                    assert torch.equal(a[key], b[key]), (epoch, i, key)
+                else:
+                    assert a[key] == b[key], (epoch, i, key)
+            if a["patch_features"] is not None:
+                a["patch_features"].add_(1e6)
+                a["rna_bins"].add_(7)
+    assert len(cached.cache) == 4 + 5 and len(plain.cache) == 0  # 4 slides, 5 RNA entries
+    # epoch 1 sampled slide 3 (30 patches -> 8) differently from epoch 0
+    cached.set_epoch(0)
+    first = cached[3]["patch_features"]
+    cached.set_epoch(1)
+    assert not torch.equal(first, cached[3]["patch_features"])
+
+
+def test_cache_budget_is_kept(tmp_path):
+    from mstar_hf.data.cache import BoundedCache, read_slide_features_cached
+
+    paths = []
+    for i in range(3):
+        paths.append(write_slide_features(tmp_path / f"s{i}.h5", np.full((10, 4), i, np.float32)))
+    cache = BoundedCache(max_bytes=2 * 10 * (4 * 4 + 16))  # room for two files
+    for p in paths:
+        feats, coords = read_slide_features_cached(cache, p, expected_dim=4, read_coords=True)
+        assert feats.shape == (10, 4) and coords.shape == (10, 2)
+    assert len(cache) == 2 and cache.nbytes <= cache.max_bytes
+    # a third file is still read, from disk
+    assert read_slide_features_cached(cache, paths[2], expected_dim=4)[0][0, 0] == 2
+    with pytest.raises(ValueError, match="wrong feature width.*s0.h5"):
+        read_slide_features_cached(cache, paths[0], expected_dim=5)

@@ -125,3 +125,38 @@ def test_wrong_feature_width_is_named(synthetic_cohort, tmp_path):
                    Stage1DataArguments(manifest=str(synthetic_cohort["manifest"])),
                    Stage1TrainingArguments(output_dir=str(tmp_path / "out"), max_train_steps=1, with_tracking=False,
                                            quiet=True))
+
+
+def test_aggregator_input_starts_on_standardised_features(tmp_path):
+    """The data-dependent start of a new aggregator's input layer: on raw features it computes what the
+    untouched layer computes on standardised ones, from statistics equal to numpy's over the sample."""
+    import numpy as np
+
+    from mstar_hf.data.features import write_slide_features
+    from mstar_hf.training_utils.stage1 import feature_statistics, standardize_input_layer
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, n in enumerate([5, 40, 12]):
+        feats = (rng.normal(3.0, 0.2, (n, 4)) * [1, 10, 0.1, 1]).astype(np.float32)
+        feats[:, 3] = 7.0  # a constant dimension
+        rows.append({"case_id": f"c{i}", "features_path": write_slide_features(tmp_path / f"s{i}.h5", feats)})
+    rows.append({"case_id": "no-slide", "features_path": ""})
+    mean, std = feature_statistics(rows, 4, patches_per_slide=1000)
+    every = np.concatenate([np.asarray(__import__("h5py").File(r["features_path"])["features"]) for r in rows[:3]])
+    np.testing.assert_allclose(mean, every.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(std, every.std(0), rtol=1e-4, atol=1e-6)
+    # a sample of 8 per slide is seeded and the same twice
+    assert np.array_equal(feature_statistics(rows, 4, 8, seed=3)[0], feature_statistics(rows, 4, 8, seed=3)[0])
+
+    linear = torch.nn.Linear(4, 3)
+    reference = torch.nn.Linear(4, 3)
+    reference.load_state_dict(linear.state_dict())
+    standardize_input_layer(linear, mean, std)
+    x = torch.as_tensor(every)
+    safe = torch.as_tensor(np.where(std > 1e-6, std, 1.0), dtype=torch.float32)
+    torch.testing.assert_close(linear(x), reference((x - torch.as_tensor(mean, dtype=torch.float32)) / safe),
+                               rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(linear.weight).all()  # the constant dimension was not divided by 0
+    with pytest.raises(ValueError, match="no training slide"):
+        feature_statistics(rows[3:], 4)

@@ -68,7 +68,8 @@ def test_worker_patches_equal_direct_reads_from_level_1():
 
 def test_slide_features_equal_the_model_on_processor_output(model, processor):
     path = slide_40x()
-    coords, feats = extract_slide_features(path, model, processor, batch_size=16, num_workers=2, progress=False)
+    coords, feats = extract_slide_features(path, model, processor, batch_size=16, num_workers=2, progress=False,
+                                           min_patches_for_workers=0)  # through the reader processes
     with open_slide(path) as wsi:
         grid = tile_slide(wsi)
     np.testing.assert_array_equal(coords, grid.coords)
@@ -83,7 +84,8 @@ def test_slide_features_equal_the_model_on_processor_output(model, processor):
 
 def test_given_coords_and_real_slide(model, processor, cmu):
     coords = np.array([[0, 0], [1024, 1536], [1900, 2700]])
-    got_coords, feats = extract_slide_features(cmu, model, processor, coords=coords, num_workers=1, progress=False)
+    got_coords, feats = extract_slide_features(cmu, model, processor, coords=coords, num_workers=1, progress=False,
+                                               min_patches_for_workers=0)
     np.testing.assert_array_equal(got_coords, coords)
     np.testing.assert_allclose(feats, _reference_features(model, processor, cmu, coords), atol=1e-5)
 
@@ -108,7 +110,8 @@ def test_read_error_in_a_worker_names_the_file(model, processor, tmp_path):
         fh.seek(offset)
         fh.write(b"\x00garbage" * (count // 8))
     with pytest.raises(SlideError) as err:
-        extract_slide_features(path, model, processor, coords=[[0, 0], [256, 256]], num_workers=1, progress=False)
+        extract_slide_features(path, model, processor, coords=[[0, 0], [256, 256]], num_workers=1, progress=False,
+                               min_patches_for_workers=0)
     message = str(err.value)
     assert message.startswith(f"{path}: read failed at level 0, (256, 256)") and "Traceback" not in message
 
@@ -173,3 +176,21 @@ def test_unwritable_output_directory(model, processor, cmu, tmp_path):
     blocker.write_text("")
     with pytest.raises(OSError, match=str(blocker / "out")):
         extract_features([cmu], blocker / "out", model, processor, quiet=True)
+
+
+def test_small_slides_are_read_in_process_with_the_same_features(model, processor, cmu, monkeypatch):
+    """A slide of a couple of batches skips the reader processes (they start per slide); the features are
+    those read through the workers."""
+    import mstar_hf.wsi.extraction as extraction
+
+    workers = []
+    real = extraction.make_patch_loader
+    monkeypatch.setattr(extraction, "make_patch_loader",
+                        lambda ds, bs, nw, **kw: workers.append(nw) or real(ds, bs, nw, **kw))
+    coords = np.array([[0, 0], [1024, 1536], [1900, 2700], [512, 512]])
+    _, direct = extract_slide_features(cmu, model, processor, coords=coords, batch_size=2, num_workers=1,
+                                       progress=False)
+    _, through = extract_slide_features(cmu, model, processor, coords=coords, batch_size=2, num_workers=1,
+                                        progress=False, min_patches_for_workers=0)
+    np.testing.assert_allclose(direct, through, atol=1e-6)
+    assert workers == [0, 1]

@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from .bags import pad_bags
-
-from .features import read_slide_features
+from .cache import DEFAULT_CACHE_MB, BoundedCache, read_slide_features_cached
 from .manifest import load_case_rna
 from .processing_mstar import MStarProcessor
 
@@ -47,13 +46,16 @@ class CohortTorchDataset(torch.utils.data.Dataset):
         feature_dim: expected feature width; a file of another width raises (naming the case).
         seed: seed of the patch sampling.
         return_coords: also return the sampled patches' level-0 coordinates (`patch_coords`).
+        cache_mb: memory for feature files and processed RNA profiles read again in later epochs (per
+            process; 0: read every time). Cached and uncached reads return the same items.
 
     An item is a dict: case_id, slide_id, patch_features (float tensor [n, D] or None),
     [patch_coords], report (str or None), rna_bins, rna_mask, rna_present, cancer_type (int).
     """
 
     def __init__(self, dataset, processor: MStarProcessor, max_patches: int | None = 4096,
-                 feature_dim: int | None = None, seed: int = 0, return_coords: bool = False):
+                 feature_dim: int | None = None, seed: int = 0, return_coords: bool = False,
+                 cache_mb: int = DEFAULT_CACHE_MB):
         if max_patches is not None and max_patches < 1:
             raise ValueError(f"max_patches must be >= 1, got {max_patches}.")
         self.dataset = dataset
@@ -63,6 +65,7 @@ class CohortTorchDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.return_coords = return_coords
+        self.cache = BoundedCache(int(cache_mb) * 2**20)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -76,8 +79,8 @@ class CohortTorchDataset(torch.utils.data.Dataset):
         item = {"case_id": case_id, "slide_id": row.get("slide_id"), "report": row.get("report"),
                 "cancer_type": -1 if row.get("cancer_type_id") is None else int(row["cancer_type_id"])}
         if row.get("features_path"):
-            features, coords = read_slide_features(
-                row["features_path"], case_id=case_id, expected_dim=self.feature_dim,
+            features, coords = read_slide_features_cached(
+                self.cache, row["features_path"], case_id=case_id, expected_dim=self.feature_dim,
                 max_patches=self.max_patches, rng=_rng(self.seed, self.epoch, index),
                 read_coords=self.return_coords)
             item["patch_features"] = torch.from_numpy(features)
@@ -87,17 +90,29 @@ class CohortTorchDataset(torch.utils.data.Dataset):
             item["patch_features"] = None
             if self.return_coords:
                 item["patch_coords"] = None
+        item.update(self._rna(index, row))
+        return item
+
+    def _rna(self, index: int, row: dict) -> dict:
+        # parsing an expression table costs more than a Stage 1 step on small models: once per case
+        key = ("rna", int(index))
+        cached = self.cache.get(key)
+        if cached is not None:
+            return {k: v.clone() if torch.is_tensor(v) else v for k, v in cached.items()}
+        case_id = row["case_id"]
         expression = load_case_rna(row)
         gene_processor = self.processor.gene_processor
         if gene_processor is None:
             if expression is not None:
                 raise ValueError(f"case {case_id!r} has RNA but the processor has no gene vocabulary.")
-            item.update(rna_bins=torch.zeros(0, dtype=torch.long), rna_mask=torch.zeros(0, dtype=torch.bool))
+            rna = dict(rna_bins=torch.zeros(0, dtype=torch.long), rna_mask=torch.zeros(0, dtype=torch.bool))
         else:
-            rna = gene_processor(expression, case_id=case_id)
-            item.update(rna_bins=torch.from_numpy(rna["rna_bins"]), rna_mask=torch.from_numpy(rna["rna_mask"]))
-        item["rna_present"] = expression is not None
-        return item
+            processed = gene_processor(expression, case_id=case_id)
+            rna = dict(rna_bins=torch.from_numpy(processed["rna_bins"]), rna_mask=torch.from_numpy(processed["rna_mask"]))
+        rna["rna_present"] = expression is not None
+        if self.cache.put(key, rna, rna["rna_bins"].nbytes + rna["rna_mask"].nbytes):
+            rna = {k: v.clone() if torch.is_tensor(v) else v for k, v in rna.items()}
+        return rna
 
 
 class MStarDataCollator:

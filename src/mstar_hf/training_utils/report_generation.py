@@ -160,8 +160,12 @@ def feature_width(dataset) -> int:
 class ReportFeatureDataset(torch.utils.data.Dataset):
     """(patch features, coords, report) of cohort rows; a slide's patch sample depends on (seed, epoch, index)."""
 
-    def __init__(self, rows, feature_dim: int, max_patches: int | None, seed: int):
+    def __init__(self, rows, feature_dim: int, max_patches: int | None, seed: int, cache_mb: int | None = None):
+        from ..data.cache import DEFAULT_CACHE_MB, BoundedCache
+
         self.rows, self.feature_dim, self.max_patches, self.seed, self.epoch = rows, feature_dim, max_patches, seed, 0
+        # feature files read again every epoch stay in memory up to the budget (same samples as uncached)
+        self.cache = BoundedCache((DEFAULT_CACHE_MB if cache_mb is None else int(cache_mb)) * 2**20)
 
     def set_epoch(self, epoch: int):
         self.epoch = int(epoch)
@@ -170,11 +174,11 @@ class ReportFeatureDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index):
-        from ..data import read_slide_features
+        from ..data.cache import read_slide_features_cached
 
         row = self.rows[int(index)]
-        features, coords = read_slide_features(
-            row["features_path"], case_id=row["case_id"], expected_dim=self.feature_dim, max_patches=self.max_patches,
+        features, coords = read_slide_features_cached(
+            self.cache, row["features_path"], case_id=row["case_id"], expected_dim=self.feature_dim, max_patches=self.max_patches,
             rng=np.random.default_rng([self.seed, self.epoch, int(index)]), read_coords=True,
         )
         return {"case_id": row["case_id"], "patch_features": torch.from_numpy(features),

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .common import (
@@ -56,6 +57,13 @@ class Stage1ModelArguments:
     text_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the report encoder (default: --learning_rate)."}
     )
+    standardize_aggregator_input: bool = field(default=True, metadata={
+        "help": "A new aggregator's input layer starts on standardised features: its weights are divided by the "
+                "training patches' per-dimension std and its bias takes out their mean (same architecture, a "
+                "data-dependent initialisation). Patch features share a large common component; without this the "
+                "aggregator's held-out zero-shot was 0.25-0.50 over 3 seeds on the demo cohort, with it 0.50-0.67."})
+    standardize_patches_per_slide: int = field(default=256, metadata={
+        "help": "Patches sampled per training slide (seeded) for those statistics."})
 
 
 @dataclass
@@ -89,6 +97,40 @@ def _gene_vocab(data_args: Stage1DataArguments) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no gene vocabulary (pass --gene_vocab).")
     return read_gene_vocab(path)
+
+
+def feature_statistics(cohort, feature_dim: int, patches_per_slide: int = 256, seed: int = 0,
+                       cache=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std `[D]` (float64) of the patch features of a cohort's slides, from a seeded
+    sample of at most `patches_per_slide` per slide, in manifest order: the same in every process."""
+    from ..data.cache import read_slide_features_cached
+
+    total, total_sq, count = np.zeros(feature_dim), np.zeros(feature_dim), 0
+    for index, row in enumerate(cohort):
+        if not row.get("features_path"):
+            continue
+        feats, _ = read_slide_features_cached(cache, row["features_path"], case_id=row.get("case_id"),
+                                              expected_dim=feature_dim, max_patches=patches_per_slide,
+                                              rng=np.random.default_rng([int(seed), 7411, index]))
+        feats = feats.astype(np.float64)
+        total += feats.sum(0)
+        total_sq += (feats ** 2).sum(0)
+        count += len(feats)
+    if count == 0:
+        raise ValueError("no training slide has a features file: no statistics for the aggregator's input.")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+    return mean, std
+
+
+@torch.no_grad()
+def standardize_input_layer(linear: torch.nn.Linear, mean: np.ndarray, std: np.ndarray, eps: float = 1e-6) -> None:
+    """Makes `linear(x)` compute at its present weights what it computed on `(x - mean) / std`: weights / std,
+    bias - weights @ mean. A dimension with no spread keeps its weights (nothing to scale)."""
+    std_t = torch.as_tensor(np.where(std > eps, std, 1.0), dtype=linear.weight.dtype)
+    weight = linear.weight / std_t
+    linear.bias -= weight @ torch.as_tensor(mean, dtype=weight.dtype)
+    linear.weight.copy_(weight)
 
 
 def build_processor_and_model(model_args: Stage1ModelArguments, data_args: Stage1DataArguments, train_reports: list[str]):
@@ -277,6 +319,12 @@ def run_stage1(model_args: Stage1ModelArguments, data_args: Stage1DataArguments,
         warn_report_truncation([r for r in train_set["report"] if r], processor.tokenizer, data_args.max_report_length,
                                source=f"{data_args.manifest} (training reports)", cleaned=data_args.clean_reports)
     accelerator.print(f"Stage 1 data: {len(train_set)} training slide(s), {len(eval_set)} held-out ({split_source})")
+
+    if model_args.standardize_aggregator_input and not model_args.model_name_or_path:
+        # before `prepare` (DeepSpeed ZeRO-3 partitions the weights there); every process computes the same
+        # statistics from the same files, and a resumed run's checkpoint replaces the weights anyway
+        mean, std = feature_statistics(train_set, width, model_args.standardize_patches_per_slide, args.seed)
+        standardize_input_layer(model.aggregator.input_proj[0], mean, std)
 
     # Stage 1 trains on precomputed features: the patch encoder and the Stage 2 head stay fixed.
     for module in (model.patch_model, model.patch_projection):

@@ -28,26 +28,43 @@ import torch.nn.functional as F
 FIRST_TYPE = 10  # pretraining types: indices the demo cohorts (at most 10 types) never use
 
 
-def painted_tiles(num_slides: int, seed: int = 0, slide_size: int = 1024, tile: int = 256,
-                  stain_spread: float = 0.3, first_type: int = FIRST_TYPE, num_types: int = 20,
-                  min_tissue: float = 0.5) -> tuple[list[np.ndarray], np.ndarray]:
-    """Tiles (tile x tile x 3 uint8) of `num_slides` painted slides with at least `min_tissue` tissue, and
-    their pattern shares `[n, len(PATTERNS)]` (rows sum to 1)."""
+def _paint_one(job: tuple) -> tuple[list[np.ndarray], list[np.ndarray]]:
     from ..data.synthetic_tissue import PATTERNS, draw_stain, paint_tissue
 
-    rng = np.random.default_rng([int(seed), 4201])
+    index, seed, slide_size, tile, stain_spread, type_index, min_tissue = job
+    rng = np.random.default_rng([int(seed), 4201, int(index)])  # one stream per slide: any worker count
+    image, _, pattern = paint_tissue(slide_size, slide_size, type_index, rng,
+                                     stain=draw_stain(rng, spread=stain_spread), return_patterns=True)
     tiles, shares = [], []
-    for i in range(int(num_slides)):
-        image, _, pattern = paint_tissue(slide_size, slide_size, first_type + i % num_types, rng,
-                                         stain=draw_stain(rng, spread=stain_spread), return_patterns=True)
-        for y in range(0, slide_size - tile + 1, tile):
-            for x in range(0, slide_size - tile + 1, tile):
-                p = pattern[y:y + tile, x:x + tile]
-                on = p >= 0
-                if on.mean() < min_tissue:
-                    continue
-                tiles.append(image[y:y + tile, x:x + tile])
-                shares.append(np.bincount(p[on], minlength=len(PATTERNS)) / on.sum())
+    for y in range(0, slide_size - tile + 1, tile):
+        for x in range(0, slide_size - tile + 1, tile):
+            p = pattern[y:y + tile, x:x + tile]
+            on = p >= 0
+            if on.mean() < min_tissue:
+                continue
+            tiles.append(image[y:y + tile, x:x + tile].copy())
+            shares.append(np.bincount(p[on], minlength=len(PATTERNS)) / on.sum())
+    return tiles, shares
+
+
+def painted_tiles(num_slides: int, seed: int = 0, slide_size: int = 1024, tile: int = 256,
+                  stain_spread: float = 0.3, first_type: int = FIRST_TYPE, num_types: int = 20,
+                  min_tissue: float = 0.5, num_workers: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Tiles (tile x tile x 3 uint8) of `num_slides` painted slides with at least `min_tissue` tissue, and
+    their pattern shares `[n, len(PATTERNS)]` (rows sum to 1). Slides are painted by `num_workers` threads
+    (default: up to 2; OpenCV and numpy release the GIL), each from its own random stream, so the tiles
+    do not depend on the worker count."""
+    from concurrent.futures import ThreadPoolExecutor
+    import os
+
+    jobs = [(i, seed, slide_size, tile, stain_spread, first_type + i % num_types, min_tissue)
+            for i in range(int(num_slides))]
+    workers = num_workers if num_workers is not None else min(2, os.cpu_count() or 1)
+    tiles, shares = [], []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for slide_tiles, slide_shares in pool.map(_paint_one, jobs):
+            tiles += slide_tiles
+            shares += slide_shares
     if not tiles:
         raise ValueError(f"no tile of {num_slides} painted slides has {min_tissue:.0%} tissue.")
     return tiles, np.stack(shares).astype(np.float32)
