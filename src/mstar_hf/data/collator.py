@@ -46,8 +46,10 @@ class CohortTorchDataset(torch.utils.data.Dataset):
         feature_dim: expected feature width; a file of another width raises (naming the case).
         seed: seed of the patch sampling.
         return_coords: also return the sampled patches' level-0 coordinates (`patch_coords`).
-        cache_mb: memory for feature files and processed RNA profiles read again in later epochs (per
-            process; 0: read every time). Cached and uncached reads return the same items.
+        cache_mb: memory for feature files and processed RNA profiles read again in later epochs (0: read
+            every time). Only the process that holds the dataset fills it: DataLoader workers start anew each
+            epoch and would read whole files for a cache they lose. Cached and uncached reads return the same
+            items.
 
     An item is a dict: case_id, slide_id, patch_features (float tensor [n, D] or None),
     [patch_coords], report (str or None), rna_bins, rna_mask, rna_present, cancer_type (int).
@@ -73,6 +75,9 @@ class CohortTorchDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _cache(self) -> BoundedCache | None:
+        return self.cache if torch.utils.data.get_worker_info() is None else None
+
     def __getitem__(self, index: int) -> dict:
         row = self.dataset[int(index)]
         case_id = row["case_id"]
@@ -80,7 +85,7 @@ class CohortTorchDataset(torch.utils.data.Dataset):
                 "cancer_type": -1 if row.get("cancer_type_id") is None else int(row["cancer_type_id"])}
         if row.get("features_path"):
             features, coords = read_slide_features_cached(
-                self.cache, row["features_path"], case_id=case_id, expected_dim=self.feature_dim,
+                self._cache(), row["features_path"], case_id=case_id, expected_dim=self.feature_dim,
                 max_patches=self.max_patches, rng=_rng(self.seed, self.epoch, index),
                 read_coords=self.return_coords)
             item["patch_features"] = torch.from_numpy(features)
@@ -96,7 +101,8 @@ class CohortTorchDataset(torch.utils.data.Dataset):
     def _rna(self, index: int, row: dict) -> dict:
         # parsing an expression table costs more than a Stage 1 step on small models: once per case
         key = ("rna", int(index))
-        cached = self.cache.get(key)
+        cache = self._cache()
+        cached = cache.get(key) if cache is not None else None
         if cached is not None:
             return {k: v.clone() if torch.is_tensor(v) else v for k, v in cached.items()}
         case_id = row["case_id"]
@@ -110,7 +116,7 @@ class CohortTorchDataset(torch.utils.data.Dataset):
             processed = gene_processor(expression, case_id=case_id)
             rna = dict(rna_bins=torch.from_numpy(processed["rna_bins"]), rna_mask=torch.from_numpy(processed["rna_mask"]))
         rna["rna_present"] = expression is not None
-        if self.cache.put(key, rna, rna["rna_bins"].nbytes + rna["rna_mask"].nbytes):
+        if cache is not None and cache.put(key, rna, rna["rna_bins"].nbytes + rna["rna_mask"].nbytes):
             rna = {k: v.clone() if torch.is_tensor(v) else v for k, v in rna.items()}
         return rna
 

@@ -177,8 +177,10 @@ class ReportFeatureDataset(torch.utils.data.Dataset):
         from ..data.cache import read_slide_features_cached
 
         row = self.rows[int(index)]
+        # only the process that holds the dataset fills the cache (workers restart every epoch)
+        cache = self.cache if torch.utils.data.get_worker_info() is None else None
         features, coords = read_slide_features_cached(
-            self.cache, row["features_path"], case_id=row["case_id"], expected_dim=self.feature_dim, max_patches=self.max_patches,
+            cache, row["features_path"], case_id=row["case_id"], expected_dim=self.feature_dim, max_patches=self.max_patches,
             rng=np.random.default_rng([self.seed, self.epoch, int(index)]), read_coords=True,
         )
         return {"case_id": row["case_id"], "patch_features": torch.from_numpy(features),

@@ -100,18 +100,19 @@ def _gene_vocab(data_args: Stage1DataArguments) -> list[str]:
 
 
 def feature_statistics(cohort, feature_dim: int, patches_per_slide: int = 256, seed: int = 0,
-                       cache=None) -> tuple[np.ndarray, np.ndarray]:
+                       progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and std `[D]` (float64) of the patch features of a cohort's slides, from a seeded
     sample of at most `patches_per_slide` per slide, in manifest order: the same in every process."""
-    from ..data.cache import read_slide_features_cached
+    from tqdm.auto import tqdm
+
+    from ..data import read_slide_features
 
     total, total_sq, count = np.zeros(feature_dim), np.zeros(feature_dim), 0
-    for index, row in enumerate(cohort):
+    for index, row in enumerate(tqdm(cohort, desc="aggregator input statistics", unit="slide", disable=not progress)):
         if not row.get("features_path"):
             continue
-        feats, _ = read_slide_features_cached(cache, row["features_path"], case_id=row.get("case_id"),
-                                              expected_dim=feature_dim, max_patches=patches_per_slide,
-                                              rng=np.random.default_rng([int(seed), 7411, index]))
+        feats, _ = read_slide_features(row["features_path"], case_id=row.get("case_id"), expected_dim=feature_dim,
+                                       max_patches=patches_per_slide, rng=np.random.default_rng([int(seed), 7411, index]))
         feats = feats.astype(np.float64)
         total += feats.sum(0)
         total_sq += (feats ** 2).sum(0)
@@ -125,8 +126,8 @@ def feature_statistics(cohort, feature_dim: int, patches_per_slide: int = 256, s
 
 @torch.no_grad()
 def standardize_input_layer(linear: torch.nn.Linear, mean: np.ndarray, std: np.ndarray, eps: float = 1e-6) -> None:
-    """Makes `linear(x)` compute at its present weights what it computed on `(x - mean) / std`: weights / std,
-    bias - weights @ mean. A dimension with no spread keeps its weights (nothing to scale)."""
+    """Rewrites `linear` so that `linear(x)` afterwards equals `linear((x - mean) / std)` before: weights / std,
+    bias - (weights / std) @ mean. A dimension with no spread keeps its weights (nothing to scale)."""
     std_t = torch.as_tensor(np.where(std > eps, std, 1.0), dtype=linear.weight.dtype)
     weight = linear.weight / std_t
     linear.bias -= weight @ torch.as_tensor(mean, dtype=weight.dtype)
@@ -323,7 +324,8 @@ def run_stage1(model_args: Stage1ModelArguments, data_args: Stage1DataArguments,
     if model_args.standardize_aggregator_input and not model_args.model_name_or_path:
         # before `prepare` (DeepSpeed ZeRO-3 partitions the weights there); every process computes the same
         # statistics from the same files, and a resumed run's checkpoint replaces the weights anyway
-        mean, std = feature_statistics(train_set, width, model_args.standardize_patches_per_slide, args.seed)
+        mean, std = feature_statistics(train_set, width, model_args.standardize_patches_per_slide, args.seed,
+                                       progress=not args.quiet and accelerator.is_main_process)
         standardize_input_layer(model.aggregator.input_proj[0], mean, std)
 
     # Stage 1 trains on precomputed features: the patch encoder and the Stage 2 head stay fixed.

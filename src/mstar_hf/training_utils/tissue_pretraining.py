@@ -18,7 +18,9 @@ relevant properties, on data the cohort does not contain:
 from __future__ import annotations
 
 import json
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +56,6 @@ def painted_tiles(num_slides: int, seed: int = 0, slide_size: int = 1024, tile: 
     their pattern shares `[n, len(PATTERNS)]` (rows sum to 1). Slides are painted by `num_workers` threads
     (default: up to 2; OpenCV and numpy release the GIL), each from its own random stream, so the tiles
     do not depend on the worker count."""
-    from concurrent.futures import ThreadPoolExecutor
-    import os
-
     jobs = [(i, seed, slide_size, tile, stain_spread, first_type + i % num_types, min_tissue)
             for i in range(int(num_slides))]
     workers = num_workers if num_workers is not None else min(2, os.cpu_count() or 1)
