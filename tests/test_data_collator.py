@@ -210,7 +210,17 @@ def test_cache_budget_is_kept(tmp_path):
         feats, coords = read_slide_features_cached(cache, p, expected_dim=4, read_coords=True)
         assert feats.shape == (10, 4) and coords.shape == (10, 2)
     assert len(cache) == 2 and cache.nbytes <= cache.max_bytes
-    # a third file is still read, from disk
+    # a third file is still read, from disk, and its header is not probed again
     assert read_slide_features_cached(cache, paths[2], expected_dim=4)[0][0, 0] == 2
+    import mstar_hf.data.cache as cache_module
+
+    probes = []
+    real_probe = cache_module._file_bytes
+    cache_module._file_bytes = lambda p: probes.append(p) or real_probe(p)
+    try:
+        assert read_slide_features_cached(cache, paths[2], expected_dim=4)[0][0, 0] == 2
+    finally:
+        cache_module._file_bytes = real_probe
+    assert probes == [] and cache.refused(paths[2])
     with pytest.raises(ValueError, match="wrong feature width.*s0.h5"):
         read_slide_features_cached(cache, paths[0], expected_dim=5)

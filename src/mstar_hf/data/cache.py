@@ -27,6 +27,7 @@ class BoundedCache:
         self.max_bytes = max(0, int(max_bytes))
         self.nbytes = 0
         self._items: dict[Any, Any] = {}
+        self._refused: set = set()  # nothing is evicted, so what did not fit never will: not asked again
 
     def __len__(self) -> int:
         return len(self._items)
@@ -37,10 +38,19 @@ class BoundedCache:
     def fits(self, nbytes: int) -> bool:
         return self.nbytes + int(nbytes) <= self.max_bytes
 
+    def refused(self, key) -> bool:
+        return key in self._refused
+
+    def refuse(self, key) -> None:
+        self._refused.add(key)
+
     def put(self, key, value, nbytes: int) -> bool:
         """Keeps `value` if it fits in what is left of the budget; returns whether it was kept."""
-        if key in self._items or not self.fits(nbytes):
-            return key in self._items
+        if key in self._items:
+            return True
+        if not self.fits(nbytes):
+            self.refuse(key)
+            return False
         self._items[key] = value
         self.nbytes += int(nbytes)
         return True
@@ -68,12 +78,14 @@ def read_slide_features_cached(cache: BoundedCache | None, path, case_id=None, e
     """
     key = os.fspath(path)
     hit = cache.get(key) if cache is not None else None
-    if hit is None and cache is not None and cache.max_bytes > 0:
+    if hit is None and cache is not None and cache.max_bytes > 0 and not cache.refused(key):
         size = _file_bytes(path)
         if 0 <= size and cache.fits(size):
             features, coords = read_slide_features(path, case_id=case_id, expected_dim=expected_dim, read_coords=True)
             if cache.put(key, (features, coords), features.nbytes + (0 if coords is None else coords.nbytes)):
                 hit = (features, coords)
+        elif size >= 0:
+            cache.refuse(key)  # its header is not read again every epoch
     if hit is None:
         return read_slide_features(path, case_id=case_id, expected_dim=expected_dim, max_patches=max_patches,
                                    rng=rng, read_coords=read_coords)
