@@ -207,10 +207,12 @@ class WSI:
             )
 
     # -- reads ------------------------------------------------------------------------------------
-    def read_level_array(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
-        """RGB uint8 (h, w, 3) of `size`=(w, h) pixels at `level`, top-left at level-0 (x0, y0).
+    def read_level_image(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> Image.Image:
+        """RGB PIL image of `size`=(w, h) pixels at `level`, top-left at level-0 (x0, y0).
 
-        Transparent pixels (outside the scanned area or the slide) become white, not black.
+        Transparent pixels (outside the scanned area or the slide) become white, not black. Kept as a
+        PIL image so a patch goes from the decoder to the resize without numpy round trips (the reader
+        processes are what bounds extraction once the model runs on a GPU).
         """
         openslide = _openslide()
 
@@ -224,31 +226,39 @@ class WSI:
                 raise SlideError(self.path, f"read failed at level {level}, ({x0}, {y0}) size {size}: "
                                             f"corrupt or truncated slide (cuCIM: {e})") from None
             self.read_counts[int(level)] += 1
-            return np.ascontiguousarray(arr[..., :3])
+            return Image.fromarray(np.ascontiguousarray(arr[..., :3]))
         try:
-            rgba = np.asarray(self._osr.read_region((int(x0), int(y0)), int(level), (int(size[0]), int(size[1]))))
+            rgba = self._osr.read_region((int(x0), int(y0)), int(level), (int(size[0]), int(size[1])))
         except openslide.OpenSlideError as e:
             raise SlideError(self.path, f"read failed at level {level}, ({x0}, {y0}) size {size}: "
                                         f"corrupt or truncated slide (OpenSlide: {e})") from None
         self.read_counts[int(level)] += 1
-        rgb = rgba[..., :3]
-        alpha = rgba[..., 3]
-        if alpha.min() < 255:
-            a = alpha[..., None].astype(np.uint16)
-            rgb = ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
-        return np.ascontiguousarray(rgb)
+        if rgba.getchannel("A").getextrema()[0] == 255:
+            return rgba.convert("RGB")  # opaque: dropping alpha in C is exact
+        arr = np.asarray(rgba)
+        a = arr[..., 3:].astype(np.uint16)
+        rgb = ((arr[..., :3].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+        return Image.fromarray(rgb)
+
+    def read_level_array(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
+        """`read_level_image` as a writable RGB uint8 (h, w, 3) array."""
+        return np.array(self.read_level_image(x0, y0, level, size))
 
     def _inside(self, x0, y0, level, size) -> bool:
         ds = self.level_downsamples[level]
         W, H = self.dimensions
         return x0 >= 0 and y0 >= 0 and x0 + size[0] * ds <= W and y0 + size[1] * ds <= H
 
+    def read_patch_image(self, x0: int, y0: int, plan: ReadPlan) -> Image.Image:
+        """One patch as planned by `plan_read`: RGB PIL image of patch_size x patch_size."""
+        image = self.read_level_image(x0, y0, plan.level, (plan.read_size, plan.read_size))
+        if plan.read_size != plan.patch_size:
+            image = _resize_image(image, (plan.patch_size, plan.patch_size))
+        return image
+
     def read_patch_array(self, x0: int, y0: int, plan: ReadPlan) -> np.ndarray:
         """One patch as planned by `plan_read`: RGB uint8 (patch_size, patch_size, 3)."""
-        arr = self.read_level_array(x0, y0, plan.level, (plan.read_size, plan.read_size))
-        if plan.read_size != plan.patch_size:
-            arr = _resize(arr, (plan.patch_size, plan.patch_size))
-        return arr
+        return np.array(self.read_patch_image(x0, y0, plan))
 
     def read_region_at(self, x0: int, y0: int, size_target_px, target_mpp: float) -> Image.Image:
         """Region at level-0 (x0, y0) covering `size_target_px` pixels at `target_mpp`, as a PIL RGB image.
@@ -257,7 +267,7 @@ class WSI:
         the result equals what extraction feeds the model for a patch at the same coordinates.
         """
         if isinstance(size_target_px, (int, np.integer)):
-            return Image.fromarray(self.read_patch_array(x0, y0, self.plan_read(int(size_target_px), target_mpp)))
+            return self.read_patch_image(x0, y0, self.plan_read(int(size_target_px), target_mpp))
         w, h = (int(v) for v in size_target_px)
         self._check_upsample(target_mpp)
         level = self.best_level_for_mpp(target_mpp)
@@ -339,16 +349,21 @@ def _open_cucim(path: Path):
         return None
 
 
-def _resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize RGB uint8 to (w, h) with Pillow: antialiased bilinear when shrinking, bicubic when enlarging.
+def _resize_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize to (w, h) with Pillow: antialiased bilinear when shrinking, bicubic when enlarging.
 
     Pillow, not OpenCV: this runs in forked DataLoader workers, where OpenCV's thread pool,
     inherited from a parent that already used it, can deadlock.
     """
     w, h = size
-    shrink = w * h < arr.shape[0] * arr.shape[1]
+    shrink = w * h < image.width * image.height
     resample = Image.Resampling.BILINEAR if shrink else Image.Resampling.BICUBIC
-    return np.asarray(Image.fromarray(arr).resize((w, h), resample, reducing_gap=3.0 if shrink else None))
+    return image.resize((w, h), resample, reducing_gap=3.0 if shrink else None)
+
+
+def _resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`_resize_image` on an RGB uint8 array."""
+    return np.asarray(_resize_image(Image.fromarray(arr), size))
 
 
 def open_slide(path, mpp_override: float | None = None, default_mpp: float | None = None,
