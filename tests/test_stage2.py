@@ -295,7 +295,9 @@ def run_manifest(env):
 @pytest.fixture(scope="module")
 def plain_run(env, run_manifest):
     out = env.root / "run_plain"
-    proc = _run([sys.executable, str(SCRIPT), *_args(env, out, 12, ["--checkpointing_steps", "4"])])
+    # from the Stage 1 model's random projection: what the losses and the cosine must show is learning
+    proc = _run([sys.executable, str(SCRIPT), *_args(env, out, 12, ["--checkpointing_steps", "4",
+                                                                   "--init_projection", "stage1"])])
     return SimpleNamespace(out=out, stdout=proc.stdout + proc.stderr)
 
 
@@ -350,7 +352,8 @@ def test_training_learns_and_saves_models(env, plain_run):
 
 def test_resume_after_kill_gives_the_same_losses(env, plain_run):
     out = env.root / "run_killed"
-    cmd = [sys.executable, str(SCRIPT), *_args(env, out, 12, ["--checkpointing_steps", "4", "--max_eval_patches", "0"])]
+    cmd = [sys.executable, str(SCRIPT), *_args(env, out, 12, ["--checkpointing_steps", "4", "--max_eval_patches", "0",
+                                                           "--init_projection", "stage1"])]  # as plain_run
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.time() + 300
@@ -443,6 +446,45 @@ def test_stain_jitter_changes_stain_not_layout():
     plain = HEAugment(color_jitter=0.1, hue_jitter=0.05)  # off: the same draws (and tiles) as without the option
     assert torch.equal(plain(tile, torch.Generator().manual_seed(2)),
                        HEAugment(color_jitter=0.1, hue_jitter=0.05, stain_jitter=0.0)(tile, torch.Generator().manual_seed(2)))
+
+
+def test_projection_fit_recovers_a_linear_teacher(env, tmp_path):
+    """`fit_projection_to_teacher` solves the ridge regression of the teacher's targets on the memory's rows."""
+    from mstar_hf.training_utils.stage2_step import fit_projection_to_teacher
+
+    bank = _bank(env, tmp_path / "bank")
+    torch.manual_seed(0)
+    A, b = torch.randn(bank.dim, 8), torch.randn(8)
+
+    class LinearTeacher(torch.nn.Module):  # patch_embeds = x A + b: a ridge fit must find A and b
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, attention_mask=None):
+            return SimpleNamespace(patch_embeds=x @ A + b)
+
+    projection = torch.nn.Linear(bank.dim, 8)
+    fit = fit_projection_to_teacher(projection, LinearTeacher(), bank, range(len(bank)), ridge=1e-8)
+    assert fit["patches"] == bank.num_rows and fit["r2"] == pytest.approx(1.0, abs=1e-5)
+    x = torch.from_numpy(bank.read(0))
+    torch.testing.assert_close(projection(x), x @ A + b, atol=1e-3, rtol=1e-3)
+    # a real aggregator is not linear in its input: the fit explains part of it, as reported
+    again = fit_projection_to_teacher(torch.nn.Linear(bank.dim, env.model.aggregator.config.hidden_size),
+                                      env.model.aggregator, bank, range(len(bank)))
+    assert 0.0 < again["r2"] < 1.0
+
+
+def test_ridge_start_begins_close_to_the_teacher(env, plain_run, tmp_path):
+    """The default start (`--init_projection ridge`) is recorded and begins far closer to the teacher than
+    the random projection of the Stage 1 model."""
+    out = tmp_path / "ridge"
+    _run([sys.executable, str(SCRIPT), *_args(env, out, 2, [])])
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["projection_init"] == "ridge" and 0.0 < info["projection_fit"]["r2"] < 1.0
+    ridge = json.loads((out / "stage2_results.json").read_text())["heldout_cosine_before"]
+    random = json.loads((plain_run.out / "stage2_results.json").read_text())["heldout_cosine_before"]
+    assert ridge > random + 0.3, (ridge, random)
 
 
 def test_centred_targets_regress_what_differs_between_patches():

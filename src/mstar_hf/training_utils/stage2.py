@@ -58,6 +58,7 @@ from .stage2_step import (
     ReusableAutocast,
     Stage2Student,
     evaluate_student_teacher,
+    fit_projection_to_teacher,
     resolve_no_grad_precision,
     stage2_forward,
 )
@@ -116,6 +117,14 @@ class Stage2Arguments:
     stain_jitter: float = field(default=0.0, metadata={
         "help": "H&E stain augmentation strength s: hematoxylin/eosin/DAB concentrations scaled by 1 + U(-s, s) "
                 "(0: off; 0.05 light, 0.2 strong, as Tellez et al. 2018)."})
+    init_projection: str = field(default="ridge", metadata={
+        "help": "Start of the student's projection: 'ridge' (the linear map of the initial features that best predicts "
+                "the teacher's targets on the training slides, closed form) or 'stage1' (as the Stage 1 model holds it, "
+                "a random init there). From a random projection the first steps only fit it: on the demo cohort after "
+                "80 steps the student predicted held-out targets worse than a linear map of the initial features."})
+    projection_fit_slides: int = field(default=256, metadata={"help": "Training slides used by --init_projection ridge."})
+    projection_ridge: float = field(default=1e-3, metadata={
+        "help": "Ridge strength for --init_projection ridge, relative to the mean feature variance."})
     memory_dir: str | None = field(default=None, metadata={"help": "Working memory bank (default output_dir/memory)."})
     memory_dtype: str = field(default="float32", metadata={"help": f"Memory storage: {' | '.join(DTYPES)}."})
     final_weights: str = field(default="student", metadata={"help": "Saved encoder: 'student' or its 'ema' copy."})
@@ -136,6 +145,8 @@ def parse_args(argv=None):
         parser.error(f"--memory_dtype must be one of {DTYPES}, got {s2.memory_dtype!r}")
     if s2.no_grad_precision not in ("auto", "fp32", "bf16", "fp16"):
         parser.error(f"--no_grad_precision must be auto, fp32, bf16 or fp16, got {s2.no_grad_precision!r}")
+    if s2.init_projection not in ("ridge", "stage1"):
+        parser.error(f"--init_projection must be 'ridge' or 'stage1', got {s2.init_projection!r}")
     if s2.slides_per_step < 1:
         parser.error("--slides_per_step must be >= 1")
     if s2.patches_per_slide is None:
@@ -303,6 +314,15 @@ def _run(argv=None) -> int:
     eval_source = (f"slides of splits {sorted(eval_split_names)}" if eval_slides
                    else f"{s2.eval_holdout_fraction:g} of the training slides' patches (never trained on)")
 
+    # The projection starts fitted to the teacher (a resumed run gets its trained one from the checkpoint).
+    aggregator.to(device)
+    projection_fit = None
+    if resume is None and s2.init_projection == "ridge":
+        projection_fit = fit_projection_to_teacher(student.patch_projection, aggregator, memory, train_slides,
+                                                   s2.context_size, s2.projection_ridge, s2.projection_fit_slides,
+                                                   args.seed, device)
+        logger.info("projection fitted to the teacher on %d patches of %d training slides: R^2 %.3f",
+                    projection_fit["patches"], projection_fit["slides"], projection_fit["r2"])
     # Student, EMA (copied before checkpointing is switched on: it never runs backward), optimizer.
     ema = EMAModel(student.patch_model, s2.ema_momentum)
     if args.gradient_checkpointing:
@@ -341,6 +361,8 @@ def _run(argv=None) -> int:
             "memory_slides": len(memory), "memory_patches": memory.num_rows, "memory_mib_per_10k_patches": per_10k,
             "train_slides": len(train_slides), "eval_patches": held.num_patches, "eval_source": eval_source,
             "images_per_step": images_per_step, "no_grad_precision": no_grad_precision,
+            "projection_init": s2.init_projection if resume is None else "checkpoint",
+            "projection_fit": projection_fit,
         }, indent=2))
         write_training_args(out, s2, args)
 

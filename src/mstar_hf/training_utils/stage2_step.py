@@ -101,6 +101,52 @@ def context_rows(count: int, sampled: np.ndarray, context_size: int, rng: np.ran
     return np.sort(np.concatenate([sampled, others]))
 
 
+@torch.no_grad()
+def fit_projection_to_teacher(projection: nn.Linear, aggregator: nn.Module, memory: PatchMemoryBank, slides,
+                              context_size: int = 4096, ridge: float = 1e-3, max_slides: int = 256,
+                              seed: int = 0, device=None) -> dict:
+    """Starts the student's projection where a linear map of the memory's features best predicts the teacher.
+
+    The memory's rows are the initial encoder's features (the student's start), so the ridge solution
+    `W = (Xc^T Xc + lam I)^-1 Xc^T Yc`, `b = mean(Y) - W mean(X)` over the patches of up to `max_slides`
+    training slides (whole-slide context, as the teacher gives it) is the best projection for the encoder as
+    it is. Started from a random projection, the first hundred steps go into fitting it and the encoder's
+    gradients meanwhile carry the projection's error, not the teacher's context. `lam` is `ridge` times the
+    mean feature variance. Deterministic and the same in every process (the first slides, in order).
+    Returns the fit's R^2 on those patches."""
+    device = device if device is not None else next(aggregator.parameters()).device
+    aggregator = aggregator.eval()
+    D, H = projection.in_features, projection.out_features
+    xtx, xty = torch.zeros(D, D, dtype=torch.float64), torch.zeros(D, H, dtype=torch.float64)
+    sx, sy, syy, n = torch.zeros(D, dtype=torch.float64), torch.zeros(H, dtype=torch.float64), 0.0, 0
+    for s in list(slides)[:max_slides]:
+        rows = context_rows(memory.slides[s].count, np.zeros(0, dtype=np.int64), context_size,
+                            np.random.default_rng([int(seed), int(s), 13]))
+        x = torch.from_numpy(memory.read(s, rows)).to(device)
+        y = aggregator(x[None]).patch_embeds[0].double().cpu()
+        x = x.double().cpu()
+        xtx += x.T @ x
+        xty += x.T @ y
+        sx += x.sum(0)
+        sy += y.sum(0)
+        syy += float((y ** 2).sum())
+        n += len(x)
+    if n < 2:
+        raise ValueError("fit_projection_to_teacher: fewer than 2 training patches in the memory.")
+    mx, my = sx / n, sy / n
+    cxx = xtx - n * torch.outer(mx, mx)
+    cxy = xty - n * torch.outer(mx, my)
+    lam = ridge * float(torch.diagonal(cxx).mean().clamp_min(1e-12))
+    weight = torch.linalg.solve(cxx + lam * torch.eye(D, dtype=torch.float64), cxy)  # [D, H]
+    total = syy - n * float(my @ my)
+    # residual sum of squares of the fit, from the same sufficient statistics
+    explained = float((weight * cxy).sum()) * 2 - float((weight * (cxx @ weight)).sum())
+    projection.weight.copy_(weight.T.to(projection.weight.dtype))
+    projection.bias.copy_((my - weight.T @ mx).to(projection.bias.dtype))
+    return {"patches": n, "slides": min(len(list(slides)), max_slides), "r2": explained / max(total, 1e-12),
+            "ridge": lam}
+
+
 class ReusableAutocast:
     """`torch.autocast` that can be entered again and again (a fresh autocast per `with`), for the
     no-grad branches: `with ctx: ...` several times per step."""
@@ -251,6 +297,7 @@ def evaluate_student_teacher(student, teacher: MemoryTeacher, loader, device, pr
 
 
 __all__ = [
+    "fit_projection_to_teacher",
     "LOSSES",
     "MemoryTeacher",
     "ReusableAutocast",
