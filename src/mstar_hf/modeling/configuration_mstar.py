@@ -179,6 +179,11 @@ class MStarConfig(PreTrainedConfig):
             modalities of same-type cases hardly differ (e.g. templated reports): then a same-type negative
             is a false negative, and the loss is lowest when the slide encoder memorises each training slide
             (by its stain, say) instead of learning what its cancer type looks like.
+        patch_alignment_loss_weight (`float`, *optional*, defaults to 0.0): weight of an InfoNCE term (ours, not
+            the paper's) between each slide's mean L2-normalised projected patch token and its report. That mean's
+            dot product with a class embedding is the MI-Zero score of the zero-shot patch route when top-k
+            covers the slide, a score the paper's losses (on the class token only) never train; 0 (default):
+            the paper's losses.
         initializer_range (`float`, *optional*, defaults to 0.02): std of the projections' init.
     """
 
@@ -200,6 +205,7 @@ class MStarConfig(PreTrainedConfig):
     contrastive_loss_weight: float = 1.0
     triplet_loss_weight: float = 1.0
     contrastive_negatives: str = "all"
+    patch_alignment_loss_weight: float = 0.0
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):

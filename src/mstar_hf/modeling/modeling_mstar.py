@@ -27,10 +27,13 @@ PAIRS = (("slide", "report"), ("slide", "rna"), ("report", "rna"))
 @dataclass
 class MStarOutput(ModelOutput):
     r"""
-    loss (`torch.FloatTensor` scalar, *optional*): weighted contrastive + triplet loss (`return_loss=True`).
+    loss (`torch.FloatTensor` scalar, *optional*): weighted contrastive + triplet (+ patch alignment) loss
+        (`return_loss=True`).
     contrastive_loss (`torch.FloatTensor` scalar): mean of the symmetric InfoNCE of the pairs that had cases.
     triplet_loss (`torch.FloatTensor` scalar): batch-hard inter-cancer triplet loss (0 if no valid triplet).
     pair_losses (`dict[str, torch.FloatTensor]`): InfoNCE per pair, keys like `"slide_report"`.
+    patch_alignment_loss (`torch.FloatTensor` scalar, *optional*): InfoNCE between the slides' mean normalised
+        projected patch tokens and the reports (only with `config.patch_alignment_loss_weight > 0`).
     logits_slide_report, logits_slide_rna, logits_report_rna (`torch.FloatTensor` `[B, B]`): scaled cosine
         similarities; rows/columns of absent modalities are meaningless (see the presence masks).
     slide_embeds, text_embeds, rna_embeds (`torch.FloatTensor` `[B, projection_dim]`): L2-normalised
@@ -42,6 +45,7 @@ class MStarOutput(ModelOutput):
     contrastive_loss: torch.FloatTensor | None = None
     triplet_loss: torch.FloatTensor | None = None
     pair_losses: dict | None = None
+    patch_alignment_loss: torch.FloatTensor | None = None
     logits_slide_report: torch.FloatTensor | None = None
     logits_slide_rna: torch.FloatTensor | None = None
     logits_report_rna: torch.FloatTensor | None = None
@@ -457,10 +461,22 @@ class MStarModel(MStarPreTrainedModel):
         # Each encoder runs only on the cases that have its modality; absent rows stay zero and take no
         # part in any loss, so they contribute no gradient.
         embeds = {}
+        align_patches = bool(return_loss) and self.config.patch_alignment_loss_weight > 0
+        patch_means = {}
+
+        def encode_slides(rows):
+            mask = None if patch_attention_mask is None else patch_attention_mask[rows]
+            if not align_patches:
+                return self.get_slide_features(patch_features[rows], mask, normalize=True)
+            out = self.aggregator(patch_features[rows].to(self.dtype), mask)
+            tokens = F.normalize(self.slide_projection(out.patch_embeds), dim=-1)  # [b, N, P]
+            valid = out.attention_mask.to(tokens.dtype).unsqueeze(-1)
+            # not re-normalised: its dot product with a class embedding is the mean patch cosine (MI-Zero)
+            patch_means["rows"] = (tokens * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+            return F.normalize(self.slide_projection(out.slide_embeds), dim=-1)
+
         encoders = {
-            "slide": lambda rows: self.get_slide_features(
-                patch_features[rows], None if patch_attention_mask is None else patch_attention_mask[rows], normalize=True
-            ),
+            "slide": encode_slides,
             "report": lambda rows: (
                 F.normalize(self.text_projection(report_hidden[rows].to(self.text_projection.weight.dtype)), dim=-1)
                 if report_hidden is not None
@@ -480,11 +496,16 @@ class MStarModel(MStarPreTrainedModel):
             if len(rows):
                 out = out.index_copy(0, rows, encoders[name](rows).to(dtype))
             embeds[name] = out
+            if name == "slide" and align_patches:
+                means = torch.zeros(batch, self.config.projection_dim, device=device, dtype=dtype)
+                if len(rows):
+                    means = means.index_copy(0, rows, patch_means["rows"].to(dtype))
+                patch_means["all"] = means
 
         scale = self.logit_scale.clamp(max=4.6052).exp()[0]  # CLIP's clamp at 100
         logits = {f"{a}_{b}": scale * embeds[a] @ embeds[b].T for a, b in PAIRS}
 
-        loss = contrastive = triplet = None
+        loss = contrastive = triplet = patch_alignment = None
         pair_losses = {}
         if return_loss:
             # The losses see the global batch: under torch.distributed every process gathers the others'
@@ -494,10 +515,12 @@ class MStarModel(MStarPreTrainedModel):
             # losses in fp32 whatever the model's precision (bf16 under DeepSpeed/AMP): the softmax over a
             # large batch and the triplet distances are numerically delicate, and `cdist` has no bf16 CPU kernel
             g_embeds, g_present = {k: v.float() for k, v in embeds.items()}, present
+            g_means = patch_means["all"].float() if align_patches else None
             g_type = None if cancer_type is None else cancer_type.to(device)
             g_case = None if case_index is None else case_index.to(device)
             if gather and _world()[1] > 1:
                 g_embeds = {k: gather_batch(v) for k, v in g_embeds.items()}
+                g_means = None if g_means is None else gather_batch(g_means)
                 g_present = {k: gather_batch(v, with_grad=False) for k, v in present.items()}
                 g_type = None if g_type is None else gather_batch(g_type, with_grad=False)
                 g_case = None if g_case is None else gather_batch(g_case, with_grad=False)
@@ -516,12 +539,21 @@ class MStarModel(MStarPreTrainedModel):
             else:
                 triplet = zero
             loss = self.config.contrastive_loss_weight * contrastive + self.config.triplet_loss_weight * triplet
+            if align_patches:
+                rows = (g_present["slide"] & g_present["report"]).nonzero().flatten()
+                if len(rows) >= 2:
+                    patch_alignment, _ = symmetric_info_nce(g_means[rows], g_embeds["report"][rows], scale,
+                                                            None if groups is None else groups[rows])
+                else:
+                    patch_alignment = zero
+                loss = loss + self.config.patch_alignment_loss_weight * patch_alignment
 
         output = MStarOutput(
             loss=loss,
             contrastive_loss=contrastive,
             triplet_loss=triplet,
             pair_losses=pair_losses,
+            patch_alignment_loss=patch_alignment,
             logits_slide_report=logits["slide_report"],
             logits_slide_rna=logits["slide_rna"],
             logits_report_rna=logits["report_rna"],

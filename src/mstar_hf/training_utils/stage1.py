@@ -53,6 +53,9 @@ class Stage1ModelArguments:
     contrastive_negatives: str = field(default="all", metadata={
         "help": "InfoNCE negatives: 'all' other cases of the batch (CLIP), or 'other_cancer' (same-type cases are "
                 "not negatives; for cohorts whose reports/RNA hardly differ within a type)."})
+    patch_alignment_loss_weight: float = field(default=0.0, metadata={
+        "help": "Weight of an InfoNCE term (ours) between each slide's mean normalised projected patch token and its "
+                "report: trains the score the zero-shot patch route (MI-Zero top-k) uses; 0: the paper's losses."})
     freeze_text_encoder: bool = field(default=False, metadata={"help": "Keep the report encoder's weights fixed."})
     text_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the report encoder (default: --learning_rate)."}
@@ -168,6 +171,7 @@ def build_processor_and_model(model_args: Stage1ModelArguments, data_args: Stage
         triplet_loss_weight=model_args.triplet_loss_weight,
         contrastive_loss_weight=model_args.contrastive_loss_weight,
         contrastive_negatives=model_args.contrastive_negatives,
+        patch_alignment_loss_weight=model_args.patch_alignment_loss_weight,
         projection_dim=model_args.projection_dim or mstar_config(size, num_genes=2).projection_dim,
     )
     model = MStarModel.from_submodels(
