@@ -38,7 +38,8 @@ def demo_default_variant() -> tuple[str, str]:
     d = DemoSettings()
     return ("demo default", f"--loss cosine --center_targets {str(d.stage2_center_targets).lower()} "
             f"--learning_rate {d.stage2_learning_rate} --ema_consistency_weight {d.stage2_consistency_weight} "
-            f"--stain_jitter {d.stage2_stain_jitter} --max_train_steps {d.stage2_steps}")
+            f"--stain_jitter {d.stage2_stain_jitter} --max_train_steps {d.stage2_steps} "
+            f"--init_projection {d.stage2_init_projection}")
 
 
 def run_variant(demo: Path, name: str, flags: str, work: Path, steps: int, quiet: bool = True) -> dict:

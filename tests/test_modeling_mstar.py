@@ -194,3 +194,37 @@ def test_other_cancer_negatives_mask_same_type_pairs(tiny_config):
     assert not torch.allclose(out.pair_losses["slide_report"], out_all.pair_losses["slide_report"])
     with pytest.raises(ValueError, match="contrastive_negatives"):
         MStarConfig.from_dict({**tiny_config.to_dict(), "contrastive_negatives": "same_cancer"})
+
+
+def test_patch_alignment_term_is_the_mean_patch_score_infonce(tiny_config):
+    """`patch_alignment_loss_weight`: an InfoNCE between each slide's mean normalised projected patch token
+    and its report, whose logits are the zero-shot patch route's mean patch cosines (MI-Zero with top-k = N)."""
+    batch = _batch()
+    mask = torch.ones(6, 12, dtype=torch.bool)
+    mask[1, 8:] = False  # a shorter slide: padded rows take no part
+    report_present = torch.tensor([1, 1, 1, 0, 1, 1], dtype=torch.bool)
+    paper = _eval_model(tiny_config)(**batch, patch_attention_mask=mask, report_present=report_present,
+                                     return_loss=True)
+    assert paper.patch_alignment_loss is None  # weight 0 (default): the paper's losses only
+    config = MStarConfig.from_dict({**tiny_config.to_dict(), "patch_alignment_loss_weight": 0.5})
+    model = _eval_model(config)
+    out = model(**batch, patch_attention_mask=mask, report_present=report_present, return_loss=True)
+    torch.testing.assert_close(out.loss, paper.loss + 0.5 * out.patch_alignment_loss)
+
+    # by hand: the mean cosine of each slide's real projected patch tokens with each report
+    with torch.no_grad():
+        agg = model.aggregator(batch["patch_features"], mask)
+        tokens = F.normalize(model.slide_projection(agg.patch_embeds), dim=-1)
+        rows = report_present.nonzero().flatten()
+        scores = torch.stack([torch.stack([(tokens[i][mask[i]] @ out.text_embeds[j]).mean() for j in rows])
+                              for i in rows])
+        logits = model.logit_scale.exp() * scores
+        target = torch.arange(len(rows))
+        expected = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    torch.testing.assert_close(out.patch_alignment_loss, expected, atol=1e-5, rtol=1e-5)
+    # it trains the patch tokens' path: the aggregator gets gradient from the term alone
+    out.patch_alignment_loss.backward()
+    assert float(model.slide_projection.weight.grad.abs().sum()) > 0
+    assert all(float(p.grad.abs().sum()) > 0 for p in model.aggregator.input_proj.parameters())
+    with pytest.raises(Exception, match="patch_alignment_loss_weight"):  # a typed, validated field
+        MStarConfig.from_dict({**tiny_config.to_dict(), "patch_alignment_loss_weight": "much"})

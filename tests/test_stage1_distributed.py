@@ -15,11 +15,11 @@ from mstar_hf.presets import mstar_config
 B, N, D, T, G = 3, 9, 64, 12, 8  # per-process batch, patches, feature width, tokens, genes
 
 
-def _model():
+def _model(alignment: float = 0.0):
     from mstar_hf.modeling import MStarModel
 
     torch.manual_seed(0)
-    model = MStarModel(mstar_config("tiny", num_genes=G, vocab_size=50))
+    model = MStarModel(mstar_config("tiny", num_genes=G, vocab_size=50, patch_alignment_loss_weight=alignment))
     model.eval()  # no dropout: both runs must compute the same function
     return model
 
@@ -44,13 +44,13 @@ def _grads(model) -> dict:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _worker(rank: int, world: int, init_file: str, out_file: str):
+def _worker(rank: int, world: int, init_file: str, out_file: str, alignment: float = 0.0):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    model = _model()
+    model = _model(alignment)
     ddp = DistributedDataParallel(model, find_unused_parameters=True)
     full = _batch(B * world)
     local = {k: v[rank * B:(rank + 1) * B] for k, v in full.items()}
@@ -58,24 +58,33 @@ def _worker(rank: int, world: int, init_file: str, out_file: str):
     out.loss.backward()
     if rank == 0:
         torch.save({"loss": out.loss.detach(), "contrastive": out.contrastive_loss.detach(),
-                    "triplet": out.triplet_loss.detach(), "grads": _grads(model)}, out_file)
+                    "triplet": out.triplet_loss.detach(), "grads": _grads(model),
+                    "patch_alignment": None if out.patch_alignment_loss is None else out.patch_alignment_loss.detach()},
+                   out_file)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def test_two_processes_equal_one_process_with_the_global_batch(tmp_path):
-    model = _model()
+@pytest.mark.parametrize("alignment", [0.0, 1.0], ids=["paper_losses", "with_patch_alignment"])
+def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, alignment):
+    model = _model(alignment)
     out = model(**_batch(2 * B), return_loss=True)
     out.loss.backward()
     reference = _grads(model)
 
     init_file = tempfile.mktemp(dir=tmp_path)
     result = str(tmp_path / "rank0.pt")
-    mp.start_processes(_worker, args=(2, init_file, result), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, init_file, result, alignment), nprocs=2, join=True, start_method="spawn")
     got = torch.load(result, weights_only=True)
 
     assert float(out.triplet_loss.detach()) > 0 and float(out.contrastive_loss.detach()) > 0
-    for key, value in (("loss", out.loss), ("contrastive", out.contrastive_loss), ("triplet", out.triplet_loss)):
+    terms = [("loss", out.loss), ("contrastive", out.contrastive_loss), ("triplet", out.triplet_loss)]
+    if alignment:
+        assert float(out.patch_alignment_loss.detach()) > 0
+        terms.append(("patch_alignment", out.patch_alignment_loss))
+    else:
+        assert out.patch_alignment_loss is None and got["patch_alignment"] is None
+    for key, value in terms:
         assert abs(float(got[key]) - float(value)) <= 1e-5, (key, float(got[key]), float(value))
     assert set(got["grads"]) == set(reference)
     worst = max(float((got["grads"][n] - g).abs().max()) for n, g in reference.items())

@@ -295,7 +295,8 @@ def run_manifest(env):
 @pytest.fixture(scope="module")
 def plain_run(env, run_manifest):
     out = env.root / "run_plain"
-    # from the Stage 1 model's random projection: what the losses and the cosine must show is learning
+    # from the Stage 1 model's random projection (the default, said explicitly): the losses and the cosine
+    # must show learning
     proc = _run([sys.executable, str(SCRIPT), *_args(env, out, 12, ["--checkpointing_steps", "4",
                                                                    "--init_projection", "stage1"])])
     return SimpleNamespace(out=out, stdout=proc.stdout + proc.stderr)
@@ -476,10 +477,10 @@ def test_projection_fit_recovers_a_linear_teacher(env, tmp_path):
 
 
 def test_ridge_start_begins_close_to_the_teacher(env, plain_run, tmp_path):
-    """The default start (`--init_projection ridge`) is recorded and begins far closer to the teacher than
-    the random projection of the Stage 1 model."""
+    """`--init_projection ridge` is recorded and begins far closer to the teacher than the random
+    projection of the Stage 1 model."""
     out = tmp_path / "ridge"
-    _run([sys.executable, str(SCRIPT), *_args(env, out, 2, [])])
+    _run([sys.executable, str(SCRIPT), *_args(env, out, 2, ["--init_projection", "ridge"])])
     info = json.loads((out / "run_info.json").read_text())
     assert info["projection_init"] == "ridge" and 0.0 < info["projection_fit"]["r2"] < 1.0
     ridge = json.loads((out / "stage2_results.json").read_text())["heldout_cosine_before"]
