@@ -63,8 +63,13 @@ def test_quick_demo_trains_and_serves_mstar(quick_demo):
           "resumed (goal <= 180 s in one go on 2 idle cores)")
 
     # every held-out measurement of issue #14 is there (whether it meets its goal is the next test)
-    for key in ("difficulty", "zero_shot_declared", "stage2_downstream", "stage2_distillation"):
+    for key in ("difficulty", "zero_shot_declared", "stage2_downstream", "stage2_distillation", "stage2_teacher_ceiling"):
         assert results[key], key
+    # the teacher's ceiling is paired with the initial encoder on the same cases and few-shot draws
+    for protocol in ("linear_probe", "few_shot_k1"):
+        row = results["stage2_teacher_ceiling"]["patch_tokens"][protocol]
+        initial = results["difficulty"][f"initial_encoder_{protocol}"]["balanced_accuracy"]
+        assert row["difference"]["delta"] == pytest.approx(row["balanced_accuracy"] - initial, abs=1e-9), row
     report = results["report_generation"]
     assert report["n"] >= 3 and report["splits"] == ["test", "val"], report
     predictions = [json.loads(line) for line in (out / "report_predictions.jsonl").read_text().splitlines()]
@@ -80,9 +85,11 @@ def test_quick_demo_trains_and_serves_mstar(quick_demo):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "issue #14 is open: the declared zero-shot route stays below 0.8 (full demo 0.67; 0.50-0.67 over 3 Stage 1 "
-    "seeds), the Stage 2 encoder's few-shot k=1 gain is +0.07 and its linear probe -0.08 (from an initial 0.83) "
-    "on 12 held-out cases; the assertions below are the goals, and the failure message says which one is missed"))
+    "issue #14 is open: on the full demo's 24 held-out cases (cohort seeds 0 / 1) the initial encoder's one-shot "
+    "prototypes are 0.65 / 0.53 (goal <= 0.5), the declared zero-shot 0.83 / 0.58 (>= 0.8; it varies with Stage 1's "
+    "seed), and the Stage 2 encoder gains few-shot k=1 +0.01 / +0.04 and linear probe -0.04 / +0.08 (goal +0.10), "
+    "within the ceiling its teacher's own patch tokens set (+0.04 / +0.09); the quick demo's smaller cohort meets "
+    "fewer; the assertions below are the goals, and the failure message says which one is missed"))
 def test_quick_demo_meets_the_learning_goals(quick_demo):
     """Issue #14's goals on held-out cases of the fair cohort (stain shared by all types). Each assert says
     which goal is missed; a miss is a finding about the method at this budget, not a flaky test."""

@@ -6,6 +6,9 @@
 * `encoder_comparison`: the paper's downstream protocols (linear probe, few-shot prototypes, ABMIL) on the
   features of the initial and of the Stage 2 encoder, with bootstrap CIs over cases and a paired
   bootstrap of the difference.
+* `teacher_ceiling`: the same mean-pooled protocols on what Stage 2 distils (the frozen Stage 1
+  aggregator's patch tokens, and its slide embedding): a student that matched its teacher exactly would
+  reach this, so a Stage 2 gain far above the teacher's own gain over the initial features cannot happen.
 * `collapse_report`: whether the initial features and Stage 1's slide embeddings are spread out or
   nearly collinear (mean pairwise cosine).
 * `distillation_report`: Stage 2's own target, measured so a bias cannot pass: the frozen Stage 1
@@ -111,6 +114,47 @@ def encoder_comparison(train_cases, test_cases, bags: dict[str, tuple[list, list
 
 
 @torch.no_grad()
+def teacher_ceiling(stage1_dir, train_cases, test_cases, init_bags: tuple[list, list], seed: int = 0) -> dict:
+    """Linear probe and few-shot prototypes (k in FEW_SHOT_K) on the teacher's outputs for the initial
+    features `init_bags = (train, test)`: mean-pooled aggregator patch tokens (Stage 2's target) and the
+    aggregator's slide embedding, each with the paired difference to the initial features' mean."""
+    from .modeling import MStarModel
+
+    y_tr = np.asarray([c["cancer_type"] for c in train_cases])
+    y_te = np.asarray([c["cancer_type"] for c in test_cases])
+    aggregator = MStarModel.from_pretrained(str(stage1_dir), dtype=torch.float32).eval().aggregator
+
+    def pooled(bags):
+        tokens, slides = [], []
+        for b in bags:
+            out = aggregator(torch.as_tensor(b, dtype=torch.float32)[None])
+            tokens.append(out.patch_embeds[0].mean(dim=0).double().numpy())
+            slides.append(out.slide_embeds[0].double().numpy())
+        return np.stack(tokens), np.stack(slides)
+
+    (tok_tr, cls_tr), (tok_te, cls_te) = pooled(init_bags[0]), pooled(init_bags[1])
+    base_tr = np.stack([b.mean(axis=0) for b in init_bags[0]])
+    base_te = np.stack([b.mean(axis=0) for b in init_bags[1]])
+
+    def protocols(x_tr, x_te):
+        out = {"linear_probe": probes.linear_probe(x_tr, y_tr, x_te, y_te, seed=seed)}
+        for k in FEW_SHOT_K:
+            out[f"few_shot_k{k}"] = probes.few_shot_prototypes(x_tr, y_tr, x_te, y_te, k, seed=seed)
+        return out
+
+    base = protocols(base_tr, base_te)
+    out = {}
+    for name, (x_tr, x_te) in (("patch_tokens", (tok_tr, tok_te)), ("slide_embedding", (cls_tr, cls_te))):
+        correct = protocols(x_tr, x_te)
+        out[name] = {}
+        for protocol, c in correct.items():
+            d = probes.compare_encoders(y_te, base[protocol], c, seed=seed)
+            out[name][protocol] = {**_row(y_te, c, seed),
+                                   "difference": {k: d[k] for k in ("delta", "ci_low", "ci_high", "p_value")}}
+    return out
+
+
+@torch.no_grad()
 def _teacher_and_inputs(aggregator, bags):
     targets = []
     for b in bags:
@@ -197,4 +241,4 @@ def shuffled_pairing_manifest(manifest: str | Path, out_path: str | Path, seed: 
 
 
 __all__ = ["FEW_SHOT_K", "collapse_report", "difficulty_baselines", "distillation_report", "encoder_comparison", "features_path",
-           "load_bags", "patch_mean_rgb", "shuffled_pairing_manifest"]
+           "load_bags", "patch_mean_rgb", "shuffled_pairing_manifest", "teacher_ceiling"]

@@ -12,7 +12,7 @@ def register(subparsers):
     parser.add_argument("--overwrite", action="store_true",
                         help="empty --out first when it holds something else (or a demo with other settings)")
     parser.add_argument("--types", type=int, default=3, help="cancer types")
-    parser.add_argument("--cases", type=int, default=None, help="cases per type (default 16; --quick: 10; minimum 5)")
+    parser.add_argument("--cases", type=int, default=None, help="cases per type (default 24; --quick: 10; minimum 5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="the <= 3 minute variant")
     parser.add_argument("--slide", default=None, help="also run the pipelines on this real slide (e.g. CMU-1-Small-Region.svs)")

@@ -120,9 +120,9 @@ class Stage2Arguments:
     init_projection: str = field(default="stage1", metadata={
         "help": "Start of the student's projection: 'stage1' (as the Stage 1 model holds it: a random init there, the "
                 "paper's) or 'ridge' (the linear map of the initial features that best predicts the teacher's targets on "
-                "the training slides, closed form). On the demo cohort 'ridge' fits the teacher far better (held-out "
-                "patch retrieval@1 0.21 vs 0.06 after 80 steps) but moves the encoder less: one-shot prototypes "
-                "+0.01..+0.05 vs +0.10 from the random start (bench/README.md, Stage 2 variants)."})
+                "the training slides, closed form). On the demo cohort (24 held-out cases) 'ridge' fits the teacher better "
+                "(held-out patch retrieval@1 0.13 vs 0.05 after 80 steps); neither changes the encoder's few-shot "
+                "prototypes by more than +0.01 (bench/README.md, Stage 2 variants)."})
     projection_fit_slides: int = field(default=256, metadata={"help": "Training slides used by --init_projection ridge."})
     projection_ridge: float = field(default=1e-3, metadata={
         "help": "Ridge strength for --init_projection ridge, relative to the mean feature variance."})
