@@ -106,6 +106,20 @@ def test_sampling_is_seeded_and_resumable(cohort, processor):
     assert l1 == l2
 
 
+def test_patch_dropout_keeps_a_fresh_seeded_share_each_epoch(cohort, processor):
+    ds = CohortTorchDataset(cohort, processor, max_patches=None, feature_dim=DIM, seed=3, patch_keep_fraction=0.5)
+    rows = ds[3]["patch_features"][:, 0].numpy() - 3000  # slide S3: 30 patches, row j holds j
+    assert len(rows) == 15 and len(set(rows.tolist())) == 15 and (np.diff(rows) > 0).all()
+    assert (ds[3]["patch_features"] == ds[3]["patch_features"]).all()  # the same (seed, epoch, index): the same
+    assert len(ds[0]["patch_features"]) == 2  # ceil(0.5 * 3)
+    ds.set_epoch(1)
+    assert not np.array_equal(ds[3]["patch_features"][:, 0].numpy() - 3000, rows)  # drawn anew each epoch
+    whole = CohortTorchDataset(cohort, processor, max_patches=None, feature_dim=DIM)
+    assert len(whole[3]["patch_features"]) == 30
+    with pytest.raises(ValueError, match="patch_keep_fraction"):
+        CohortTorchDataset(cohort, processor, patch_keep_fraction=0.0)
+
+
 def test_collator_samples_oversized_items_with_its_generator(processor):
     item = {"case_id": "X", "patch_features": torch.arange(100.0)[:, None].repeat(1, DIM), "report": "r",
             "cancer_type": 0}

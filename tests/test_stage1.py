@@ -89,11 +89,13 @@ def test_two_process_ddp_ranks_agree(synthetic_cohort, tmp_path):
 
 
 def test_kill_and_resume_continue_with_the_same_losses(synthetic_cohort, tmp_path):
+    # with patch dropout on: its draws depend on (seed, epoch, case), so a resumed run repeats them
+    dropout = ("--patch_keep_fraction", "0.5")
     reference = tmp_path / "reference"
-    subprocess.run([sys.executable, str(SCRIPT), *_args(synthetic_cohort, reference, 6)], check=True,
+    subprocess.run([sys.executable, str(SCRIPT), *_args(synthetic_cohort, reference, 6, *dropout)], check=True,
                    capture_output=True, env=_env(), cwd=ROOT, timeout=600)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *_args(synthetic_cohort, killed, 6, "--checkpointing_steps", "3")],
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *_args(synthetic_cohort, killed, 6, *dropout, "--checkpointing_steps", "3")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
     deadline = time.time() + 300
     while not (killed / "checkpoint-3").is_dir() and proc.poll() is None and time.time() < deadline:
@@ -101,7 +103,7 @@ def test_kill_and_resume_continue_with_the_same_losses(synthetic_cohort, tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (killed / "checkpoint-3" / "trainer_state.json").is_file()
-    subprocess.run([sys.executable, str(SCRIPT), *_args(synthetic_cohort, killed, 6, "--checkpointing_steps", "3",
+    subprocess.run([sys.executable, str(SCRIPT), *_args(synthetic_cohort, killed, 6, *dropout, "--checkpointing_steps", "3",
                                                         "--resume_from_checkpoint", "latest")],
                    check=True, capture_output=True, env=_env(), cwd=ROOT, timeout=600)
     expected, resumed = _losses(reference), _losses(killed)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import math
+
 import numpy as np
 import torch
 
@@ -46,6 +48,8 @@ class CohortTorchDataset(torch.utils.data.Dataset):
         feature_dim: expected feature width; a file of another width raises (naming the case).
         seed: seed of the patch sampling.
         return_coords: also return the sampled patches' level-0 coordinates (`patch_coords`).
+        patch_keep_fraction: below 1, each read keeps a random `ceil(fraction * n)` of the slide's (sampled) n
+            patches, drawn anew every epoch: patch dropout, an augmentation for training bags (1: all).
         cache_mb: memory for feature files and processed RNA profiles read again in later epochs (0: read
             every time). Only the process that holds the dataset fills it: DataLoader workers start anew each
             epoch and would read whole files for a cache they lose. Cached and uncached reads return the same
@@ -57,9 +61,12 @@ class CohortTorchDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset, processor: MStarProcessor, max_patches: int | None = 4096,
                  feature_dim: int | None = None, seed: int = 0, return_coords: bool = False,
-                 cache_mb: int = DEFAULT_CACHE_MB):
+                 cache_mb: int = DEFAULT_CACHE_MB, patch_keep_fraction: float = 1.0):
         if max_patches is not None and max_patches < 1:
             raise ValueError(f"max_patches must be >= 1, got {max_patches}.")
+        if not 0.0 < patch_keep_fraction <= 1.0:
+            raise ValueError(f"patch_keep_fraction must be in (0, 1], got {patch_keep_fraction}.")
+        self.patch_keep_fraction = float(patch_keep_fraction)
         self.dataset = dataset
         self.processor = processor
         self.max_patches = max_patches
@@ -88,6 +95,12 @@ class CohortTorchDataset(torch.utils.data.Dataset):
                 self._cache(), row["features_path"], case_id=case_id, expected_dim=self.feature_dim,
                 max_patches=self.max_patches, rng=_rng(self.seed, self.epoch, index),
                 read_coords=self.return_coords)
+            if self.patch_keep_fraction < 1.0 and len(features) > 1:
+                keep = max(1, math.ceil(self.patch_keep_fraction * len(features)))
+                rows = np.sort(np.random.default_rng([self.seed, self.epoch, int(index), 31]).choice(
+                    len(features), keep, replace=False))
+                features = features[rows]
+                coords = None if coords is None else coords[rows]
             item["patch_features"] = torch.from_numpy(features)
             if self.return_coords:
                 item["patch_coords"] = None if coords is None else torch.from_numpy(coords)

@@ -76,6 +76,9 @@ class Stage1DataArguments:
         default=None, metadata={"help": "Gene vocabulary (JSON list / text); default gene_vocab.json beside the manifest."}
     )
     max_patches: int = field(default=4096, metadata={"help": "Patches sampled (or all, if fewer) per slide."})
+    patch_keep_fraction: float = field(default=1.0, metadata={
+        "help": "Patch dropout for training slides: each epoch a slide keeps a random ceil(fraction * n) of its n "
+                "patches (ours, not the paper's; 1: all). Held-out evaluation always sees every patch."})
     max_report_length: int = field(default=512)
     tokenizer_vocab_size: int = field(default=2048, metadata={"help": "When a tokenizer is trained on the reports."})
     train_split: str = field(default="train", metadata={"help": "Training split(s), comma-separated."})
@@ -192,7 +195,9 @@ def make_loader(dataset, processor, data_args, batch_size: int, seed: int, shuff
                 drop_last: bool = False):
     from ..data import CohortTorchDataset, MStarDataCollator
 
-    torch_dataset = CohortTorchDataset(dataset, processor, max_patches=data_args.max_patches, feature_dim=feature_dim, seed=seed)
+    # the shuffled loader is the training one: only its bags get patch dropout
+    torch_dataset = CohortTorchDataset(dataset, processor, max_patches=data_args.max_patches, feature_dim=feature_dim, seed=seed,
+                                       patch_keep_fraction=data_args.patch_keep_fraction if shuffle else 1.0)
     collator = MStarDataCollator(processor, max_patches=data_args.max_patches, feature_dim=feature_dim, seed=seed)
     sampler = EpochShuffleSampler(len(torch_dataset), seed) if shuffle else None
     return torch.utils.data.DataLoader(
