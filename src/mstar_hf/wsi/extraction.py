@@ -369,11 +369,10 @@ def encoder_identity(model) -> dict:
     }
 
 
-def _run_model(model, loader, n: int, device: torch.device, transform: PatchTransform, normalized_in_workers: bool,
-               precision: str, progress: bool, desc: str, pad_to: int | None = None,
-               channels_last: bool = False) -> np.ndarray:
-    """Features of every batch, written into one device buffer: no per-batch device-to-host copy, so the
-    GPU never waits on the host; one copy at the end."""
+def _run_model(model, loader, n: int, device: torch.device, transform: PatchTransform, precision: str, progress: bool,
+               desc: str, pad_to: int | None = None, channels_last: bool = False) -> np.ndarray:
+    """Features of every uint8 batch, normalised on `device` into a reused buffer and written into one device
+    buffer: no per-batch device-to-host copy, so the GPU never waits on the host; one copy at the end."""
     from tqdm.auto import tqdm
 
     out = None
@@ -388,10 +387,9 @@ def _run_model(model, loader, n: int, device: torch.device, transform: PatchTran
             x = batch.to(device, non_blocking=non_blocking)
             if pad_to and b < pad_to:  # a compiled encoder keeps one static shape
                 x = torch.cat([x, x[-1:].expand(pad_to - b, *x.shape[1:])])
-            if not normalized_in_workers:
-                if pixels is None or pixels.shape != x.shape:
-                    pixels = torch.empty(x.shape, dtype=torch.float32, device=device)
-                x = transform.normalize(x, out=pixels)
+            if pixels is None or pixels.shape != x.shape:
+                pixels = torch.empty(x.shape, dtype=torch.float32, device=device)
+            x = transform.normalize(x, out=pixels)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             feats = _pooled(model(pixel_values=x))[:b]
@@ -456,10 +454,9 @@ def extract_slide_features(
         precision = resolve_precision(precision, dev)
         transform = PatchTransform(image_processor)
         # Readers hand over uint8 batches (4x less shared memory to fault in than float32, which cost
-        # them ~0.5 ms per patch); this process normalises into a reused buffer, on any device.
-        in_workers = False
-        # Workers reopen the slide with the resolution resolved here (metadata or override).
-        dataset = PatchDataset(wsi.path, coords, plan, transform, mpp_override=wsi.mpp, normalize=in_workers,
+        # them ~0.5 ms per patch); `_run_model` normalises them on the device. Workers reopen the slide with
+        # the resolution resolved here (metadata or override).
+        dataset = PatchDataset(wsi.path, coords, plan, transform, mpp_override=wsi.mpp, normalize=False,
                                wsi=wsi, reader=getattr(wsi, "reader", reader))
         # reader processes start anew for every slide (fork, reopen: ~0.15 s on 2 cores): a slide of at most
         # two batches is read sooner in this process than they would start
@@ -468,7 +465,7 @@ def extract_slide_features(
         loader = make_patch_loader(dataset, batch_size, workers, pin_memory=dev.type == "cuda")
         channels_last = dev.type == "cuda"
         try:
-            feats = _run_model(model, loader, len(coords), dev, transform, in_workers, precision, progress,
+            feats = _run_model(model, loader, len(coords), dev, transform, precision, progress,
                                desc=wsi.path.name, pad_to=batch_size if pad_batches else None,
                                channels_last=channels_last)
         except SlideError as e:
