@@ -403,10 +403,21 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
         reports = _held_out_reports(report_dir, stage1_dir, test_cases, train_cases, out / "report_predictions.jsonl")
 
     with timer.stage("7b/8 held-out difficulty baselines and Stage 2 downstream (initial vs Stage 2 encoder)"):
+        # the difficulty baseline of an encoder that learned nothing: the same ViT, randomly initialised
+        untrained_dir, untrained_features = models / "patch_encoder_untrained", out / "features_untrained"
+        if not state.done("features_untrained"):
+            torch.manual_seed(settings.seed + 1)
+            MStarPatchModel(patch_config("tiny")).save_pretrained(_fresh(untrained_dir))
+            MStarImageProcessor().save_pretrained(untrained_dir)
+            _extract(slides, _fresh(untrained_features), untrained_dir, quiet)
+            state.mark("features_untrained")
+        untrained_bags = (demo_eval.load_bags(train_cases, untrained_features),
+                          demo_eval.load_bags(test_cases, untrained_features))
         init_bags = (demo_eval.load_bags(train_cases), demo_eval.load_bags(test_cases))
         stage2_bags = (demo_eval.load_bags(train_cases, out / "features_stage2"),
                        demo_eval.load_bags(test_cases, out / "features_stage2"))
-        difficulty = demo_eval.difficulty_baselines(train_cases, test_cases, *init_bags, seed=settings.seed)
+        difficulty = demo_eval.difficulty_baselines(train_cases, test_cases, *init_bags, seed=settings.seed,
+                                                    untrained_bags=untrained_bags)
         downstream = demo_eval.encoder_comparison(train_cases, test_cases, {"initial": init_bags, "stage2": stage2_bags},
                                                   seed=settings.seed)
         distillation = demo_eval.distillation_report(stage1_dir, stage2_dir / "mstar_model", init_bags, stage2_bags)
@@ -512,13 +523,16 @@ def summary_table(results: dict) -> str:
                      f"{enc['tiles']} tiles of {enc['slides']} painted slides of other types; target entropy "
                      f"{enc['target_entropy']:.3f}"))
     difficulty = results.get("difficulty") or {}
+    judged = ("mean_rgb_nearest_centroid", "initial_encoder_few_shot_k1", "untrained_encoder_few_shot_k1")
     for key, what in (("mean_rgb_nearest_centroid", "difficulty: slide mean-RGB nearest centroid"),
-                      ("initial_encoder_linear_probe", "difficulty: initial encoder, linear probe"),
-                      ("initial_encoder_few_shot_k1", "difficulty: initial encoder, few-shot k=1"),
+                      ("untrained_encoder_linear_probe", "difficulty: untrained (random) encoder, linear probe"),
+                      ("untrained_encoder_few_shot_k1", "difficulty: untrained (random) encoder, few-shot k=1"),
+                      ("initial_encoder_linear_probe", "difficulty: initial encoder (pretrained start), linear probe"),
+                      ("initial_encoder_few_shot_k1", "difficulty: initial encoder (pretrained start), few-shot k=1"),
                       ("initial_encoder_few_shot_k2", "difficulty: initial encoder, few-shot k=2"),
                       ("initial_encoder_few_shot_k4", "difficulty: initial encoder, few-shot k=4")):
         if key in difficulty:
-            goal = "; goal <= 0.5" if key in ("mean_rgb_nearest_centroid", "initial_encoder_few_shot_k1") else ""
+            goal = "; goal <= 0.5" if key in judged else ""
             rows.append((f"{what} (held-out BA [95% CI])", ci(difficulty[key]), f"chance {difficulty['chance']:.2f}{goal}"))
     declared = results.get("zero_shot_declared")
     if declared:

@@ -1,8 +1,9 @@
 """The demo's held-out measurements beyond the pipelines: how hard the cohort is, and what Stage 2 changed.
 
 * `difficulty_baselines`: what needs no learning, on the same held-out cases: nearest centroid on a
-  slide's mean RGB (over its tissue patches), and the initial (untrained) encoder's mean-pooled features
-  with a linear probe and few-shot prototypes (k = 1, 2, 4).
+  slide's mean RGB (over its tissue patches), and the mean-pooled features of the initial encoder (Stage 2's
+  start, pretrained on other slides) and of an untrained (random) one, with a linear probe and few-shot
+  prototypes (k = 1, 2, 4).
 * `encoder_comparison`: the paper's downstream protocols (linear probe, few-shot prototypes, ABMIL) on the
   features of the initial and of the Stage 2 encoder, with bootstrap CIs over cases and a paired
   bootstrap of the difference.
@@ -71,19 +72,26 @@ def _row(labels, correct, seed):
     return probes.summarise(labels, correct, num_samples=1000, seed=seed)
 
 
-def difficulty_baselines(train_cases, test_cases, train_bags, test_bags, seed: int = 0) -> dict:
-    """Balanced accuracy (+ CI over cases) of the no-learning baselines on the held-out cases."""
+def difficulty_baselines(train_cases, test_cases, train_bags, test_bags, seed: int = 0,
+                         untrained_bags: tuple[list, list] | None = None) -> dict:
+    """Balanced accuracy (+ CI over cases) of the no-learning baselines on the held-out cases: slide mean RGB,
+    the initial encoder's mean-pooled features (`*_bags`) and, given `untrained_bags = (train, test)`, those
+    of a randomly initialised encoder of the same architecture."""
     y_tr = np.asarray([c["cancer_type"] for c in train_cases])
     y_te = np.asarray([c["cancer_type"] for c in test_cases])
     rgb_tr, rgb_te = patch_mean_rgb(train_cases), patch_mean_rgb(test_cases)
-    mean_tr = np.stack([b.mean(axis=0) for b in train_bags])
-    mean_te = np.stack([b.mean(axis=0) for b in test_bags])
     out = {"chance": 1.0 / len(set(y_tr.tolist())),
-           "mean_rgb_nearest_centroid": _row(y_te, probes.nearest_centroid(rgb_tr, y_tr, rgb_te, y_te), seed),
-           "initial_encoder_linear_probe": _row(y_te, probes.linear_probe(mean_tr, y_tr, mean_te, y_te, seed=seed), seed)}
-    for k in FEW_SHOT_K:
-        out[f"initial_encoder_few_shot_k{k}"] = _row(
-            y_te, probes.few_shot_prototypes(mean_tr, y_tr, mean_te, y_te, k, seed=seed), seed)
+           "mean_rgb_nearest_centroid": _row(y_te, probes.nearest_centroid(rgb_tr, y_tr, rgb_te, y_te), seed)}
+    encoders = {"initial_encoder": (train_bags, test_bags)}
+    if untrained_bags is not None:
+        encoders["untrained_encoder"] = untrained_bags
+    for name, (tr, te) in encoders.items():
+        mean_tr = np.stack([b.mean(axis=0) for b in tr])
+        mean_te = np.stack([b.mean(axis=0) for b in te])
+        out[f"{name}_linear_probe"] = _row(y_te, probes.linear_probe(mean_tr, y_tr, mean_te, y_te, seed=seed), seed)
+        for k in FEW_SHOT_K:
+            out[f"{name}_few_shot_k{k}"] = _row(
+                y_te, probes.few_shot_prototypes(mean_tr, y_tr, mean_te, y_te, k, seed=seed), seed)
     return out
 
 
