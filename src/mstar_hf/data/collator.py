@@ -21,9 +21,8 @@ each epoch (with `persistent_workers=True` the workers keep their own copy: recr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
