@@ -139,3 +139,20 @@ def test_compute_caption_metrics_output_and_bad_input():
         compute_caption_metrics([None], ["a"])
     with pytest.raises(TypeError, match="not a single string"):
         compute_caption_metrics("abc", "abc")
+
+
+def test_diagnosis_accuracy_counts_reports_that_name_only_the_right_type():
+    from mstar_hf.evaluation.caption_metrics import diagnosis_accuracy, named_diagnosis
+
+    labels = {"adenocarcinoma": ["lung adenocarcinoma", "glandular carcinoma"],
+              "squamous_cell_carcinoma": ["squamous cell carcinoma", "epidermoid carcinoma"]}
+    assert named_diagnosis("DIAGNOSIS: Lung - GLANDULAR CARCINOMA, grade 2.", labels) == "adenocarcinoma"
+    assert named_diagnosis("Keratinizing squamous cell carcinoma.", labels) == "squamous_cell_carcinoma"
+    assert named_diagnosis("Adenocarcinoma with a squamous cell carcinoma component.", labels) is None  # both
+    assert named_diagnosis("Benign lung parenchyma.", labels) is None
+    assert named_diagnosis("Adenocarcinomatous change.", labels) is None  # whole words only
+    reports = ["Invasive adenocarcinoma.", "Squamous cell carcinoma.", "No tumour seen.", "Adenocarcinoma."]
+    truths = ["adenocarcinoma", "squamous_cell_carcinoma", "adenocarcinoma", "squamous_cell_carcinoma"]
+    assert diagnosis_accuracy(reports, truths, labels) == 0.5
+    with pytest.raises(ValueError, match="3 reports for 4 truths"):
+        diagnosis_accuracy(reports[:3], truths, labels)

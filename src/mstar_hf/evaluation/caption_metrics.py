@@ -232,5 +232,22 @@ def compute_caption_metrics(
     return results
 
 
+def named_diagnosis(text: str, labels: dict[str, Sequence[str]]) -> str | None:
+    """The one label whose name or synonyms (`{label: [synonyms]}`, as the zero-shot pipeline takes them)
+    the report names (case-insensitive, whole words); None when it names none or several."""
+    named = [label for label, synonyms in labels.items()
+             if any(re.search(rf"\b{re.escape(s.lower())}\b", text.lower()) for s in [label.replace("_", " "), *synonyms])]
+    return named[0] if len(named) == 1 else None
+
+
+def diagnosis_accuracy(predictions: Sequence[str], truths: Sequence[str], labels: dict[str, Sequence[str]]) -> float:
+    """Share of generated reports that name exactly one diagnosis of `labels`, the case's own (`truths`):
+    what BLEU cannot tell, whether a report states the right cancer type."""
+    if len(predictions) != len(truths) or not predictions:
+        raise ValueError(f"diagnosis_accuracy: {len(predictions)} reports for {len(truths)} truths.")
+    return sum(named_diagnosis(p, labels) == t for p, t in zip(predictions, truths)) / len(predictions)
+
+
 __all__ = ["COCO_PUNCTUATION", "METEOR_NAME", "METEOR_PARAMETERS", "METRIC_NAMES", "ROUGE_L_BETA", "bleu",
-           "coco_tokenize", "compute_caption_metrics", "meteor_exact_stem", "rouge_l"]
+           "coco_tokenize", "compute_caption_metrics", "diagnosis_accuracy", "meteor_exact_stem", "named_diagnosis",
+           "rouge_l"]
