@@ -72,6 +72,18 @@ def _row(labels, correct, seed):
     return probes.summarise(labels, correct, num_samples=1000, seed=seed)
 
 
+def _mean_pooled(bags) -> np.ndarray:
+    return np.stack([np.asarray(b).mean(axis=0) for b in bags])
+
+
+def _slide_vector_protocols(x_tr, y_tr, x_te, y_te, seed) -> dict[str, np.ndarray]:
+    """Per-case correctness of the linear probe and the few-shot prototypes (k in FEW_SHOT_K) on slide vectors."""
+    out = {"linear_probe": probes.linear_probe(x_tr, y_tr, x_te, y_te, seed=seed)}
+    for k in FEW_SHOT_K:
+        out[f"few_shot_k{k}"] = probes.few_shot_prototypes(x_tr, y_tr, x_te, y_te, k, seed=seed)
+    return out
+
+
 def difficulty_baselines(train_cases, test_cases, train_bags, test_bags, seed: int = 0,
                          untrained_bags: tuple[list, list] | None = None) -> dict:
     """Balanced accuracy (+ CI over cases) of the no-learning baselines on the held-out cases: slide mean RGB,
@@ -86,12 +98,8 @@ def difficulty_baselines(train_cases, test_cases, train_bags, test_bags, seed: i
     if untrained_bags is not None:
         encoders["untrained_encoder"] = untrained_bags
     for name, (tr, te) in encoders.items():
-        mean_tr = np.stack([b.mean(axis=0) for b in tr])
-        mean_te = np.stack([b.mean(axis=0) for b in te])
-        out[f"{name}_linear_probe"] = _row(y_te, probes.linear_probe(mean_tr, y_tr, mean_te, y_te, seed=seed), seed)
-        for k in FEW_SHOT_K:
-            out[f"{name}_few_shot_k{k}"] = _row(
-                y_te, probes.few_shot_prototypes(mean_tr, y_tr, mean_te, y_te, k, seed=seed), seed)
+        for protocol, correct in _slide_vector_protocols(_mean_pooled(tr), y_tr, _mean_pooled(te), y_te, seed).items():
+            out[f"{name}_{protocol}"] = _row(y_te, correct, seed)
     return out
 
 
@@ -103,11 +111,7 @@ def encoder_comparison(train_cases, test_cases, bags: dict[str, tuple[list, list
     y_te = np.asarray([c["cancer_type"] for c in test_cases])
     correct: dict[str, dict[str, np.ndarray]] = {}
     for name, (tr, te) in bags.items():
-        m_tr = np.stack([b.mean(axis=0) for b in tr])
-        m_te = np.stack([b.mean(axis=0) for b in te])
-        c = {"linear_probe": probes.linear_probe(m_tr, y_tr, m_te, y_te, seed=seed)}
-        for k in FEW_SHOT_K:
-            c[f"few_shot_k{k}"] = probes.few_shot_prototypes(m_tr, y_tr, m_te, y_te, k, seed=seed)
+        c = _slide_vector_protocols(_mean_pooled(tr), y_tr, _mean_pooled(te), y_te, seed)
         c["abmil"] = probes.abmil_probe(tr, y_tr, te, y_te, epochs=abmil_epochs, seed=seed)
         correct[name] = c
     out = {}
@@ -141,19 +145,10 @@ def teacher_ceiling(stage1_dir, train_cases, test_cases, init_bags: tuple[list, 
         return np.stack(tokens), np.stack(slides)
 
     (tok_tr, cls_tr), (tok_te, cls_te) = pooled(init_bags[0]), pooled(init_bags[1])
-    base_tr = np.stack([b.mean(axis=0) for b in init_bags[0]])
-    base_te = np.stack([b.mean(axis=0) for b in init_bags[1]])
-
-    def protocols(x_tr, x_te):
-        out = {"linear_probe": probes.linear_probe(x_tr, y_tr, x_te, y_te, seed=seed)}
-        for k in FEW_SHOT_K:
-            out[f"few_shot_k{k}"] = probes.few_shot_prototypes(x_tr, y_tr, x_te, y_te, k, seed=seed)
-        return out
-
-    base = protocols(base_tr, base_te)
+    base = _slide_vector_protocols(_mean_pooled(init_bags[0]), y_tr, _mean_pooled(init_bags[1]), y_te, seed)
     out = {}
     for name, (x_tr, x_te) in (("patch_tokens", (tok_tr, tok_te)), ("slide_embedding", (cls_tr, cls_te))):
-        correct = protocols(x_tr, x_te)
+        correct = _slide_vector_protocols(x_tr, y_tr, x_te, y_te, seed)
         out[name] = {}
         for protocol, c in correct.items():
             d = probes.compare_encoders(y_te, base[protocol], c, seed=seed)
