@@ -5,7 +5,8 @@ cancer types. This painter reproduces that nuisance and hides the type in morpho
 
 * Stain: every slide draws its own hematoxylin and eosin optical-density vectors, concentrations and
   a scanner tint from ONE pool shared by all types; pixels follow Beer-Lambert,
-  `rgb = 255 * exp(-(c_H * od_H + c_E * od_E))`.
+  `rgb = 255 * exp(-(c_H * od_H + c_E * od_E))`, white-balanced per slide to a fixed tissue mix under
+  the slide's own stain (so the mean colour says nothing of the pattern mix).
 * Tissue: five patterns that every type has (stroma, glands, solid sheets, lymphoid infiltrate,
   adipose), laid out as irregular regions. Types differ only in the *mix* of patterns, the size of the
   regions (arrangement) and, slightly, nuclear size and shape. A single 256-px patch shows one or two
@@ -15,6 +16,8 @@ Everything is a deterministic function of the generator passed in.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import numpy as np
 
@@ -124,16 +127,13 @@ def _ellipses(rng, conc, xs, ys, radius, elongation, strength, jitter=0.25, angl
                     lineType=cv2.LINE_AA)
 
 
-def paint_tissue(height: int, width: int, type_index: int, rng: np.random.Generator,
-                 tissue_fraction: float | None = None, stain: dict | None = None, return_patterns: bool = False):
-    """Paint one slide of type `type_index`: (H, W, 3) uint8 and a record of what was drawn
-    (stain, pattern share of the tissue, region size); with `return_patterns`, also the (H, W) int map of
-    the pattern index (`PATTERNS`) of every pixel, -1 off tissue."""
+def _paint_concentrations(H: int, W: int, type_index: int, rng: np.random.Generator,
+                          tissue_fraction: float | None):
+    """Hematoxylin and eosin concentration maps (H, W) of one slide, its tissue mask, pattern map,
+    region size and tissue fraction: everything about a slide but its stain."""
     import cv2
 
     morph = type_morphology(type_index)
-    stain = stain or draw_stain(rng)
-    H, W = int(height), int(width)
     tissue_fraction = float(rng.uniform(0.55, 0.75)) if tissue_fraction is None else tissue_fraction
     blob = _upsample(_smooth(rng, (max(2, H // 32), max(2, W // 32)), 4.0), H, W)
     tissue = blob >= np.quantile(blob, 1 - tissue_fraction)
@@ -212,12 +212,55 @@ def paint_tissue(height: int, width: int, type_index: int, rng: np.random.Genera
             c_e[m] *= _UPTAKE[p] * _MEAN_E / max(float(c_e[m].mean()), 1e-6)
     c_h *= tissue
     c_h = cv2.GaussianBlur(c_h, (0, 0), 0.8)
-    # float32 and in place: composing the (H, W, 3) optical density is most of a slide's painting time
-    # (concentration 1 ~ optical density 1.6 along the stain vector)
+    return c_h, c_e, tissue, pattern, region_size, tissue_fraction
+
+
+def _optical_density(c_h: np.ndarray, c_e: np.ndarray, stain: dict) -> np.ndarray:
+    # concentration 1 ~ optical density 1.6 along the stain vector
     od = c_h[..., None] * np.asarray(1.6 * stain["scale_h"] * np.asarray(stain["od_h"]), np.float32)
     od += c_e[..., None] * np.asarray(1.6 * stain["scale_e"] * np.asarray(stain["od_e"]), np.float32)
+    return od
+
+
+@lru_cache(maxsize=1)
+def _reference_sample() -> tuple[np.ndarray, np.ndarray]:
+    """Concentrations of a fixed mix of tissue (one 512-px slide of each of the first three types):
+    the colour every slide is white-balanced to (`_colour_gain`)."""
+    hs, es = [], []
+    for k in range(len(_MIXES)):
+        c_h, c_e, tissue, *_ = _paint_concentrations(512, 512, k, np.random.default_rng([4099, k]), None)
+        hs.append(c_h[tissue][::5])
+        es.append(c_e[tissue][::5])
+    return np.concatenate(hs), np.concatenate(es)
+
+
+def _colour_gain(od: np.ndarray, tissue: np.ndarray, stain: dict) -> np.ndarray:
+    """Per-channel gain (3,) that brings the slide's mean tissue transmission (from its optical density
+    `od`, (H, W, 3), sampled every third pixel) to that of the reference mix under the same stain. Beer-Lambert is non-linear: at equal mean uptake, dense patterns (solid
+    sheets) transmit less light than sparse ones, so without this a slide's mean colour would still tell
+    its pattern mix, hence its type. Scanners and stain normalisation do the same white balance."""
+    ref_h, ref_e = _reference_sample()
+    reference = np.exp(-_optical_density(ref_h, ref_e, stain)).mean(axis=0)
+    sub = od[::3, ::3][tissue[::3, ::3]]
+    if len(sub) == 0:
+        return np.ones(3, np.float32)
+    return (reference / np.maximum(np.exp(-sub).mean(axis=0), 1e-6)).astype(np.float32)
+
+
+def paint_tissue(height: int, width: int, type_index: int, rng: np.random.Generator,
+                 tissue_fraction: float | None = None, stain: dict | None = None, return_patterns: bool = False):
+    """Paint one slide of type `type_index`: (H, W, 3) uint8 and a record of what was drawn
+    (stain, pattern share of the tissue, region size); with `return_patterns`, also the (H, W) int map of
+    the pattern index (`PATTERNS`) of every pixel, -1 off tissue."""
+    stain = stain or draw_stain(rng)
+    H, W = int(height), int(width)
+    c_h, c_e, tissue, pattern, region_size, tissue_fraction = _paint_concentrations(H, W, type_index, rng,
+                                                                                    tissue_fraction)
+    # float32 and in place: composing the (H, W, 3) optical density is most of a slide's painting time
+    od = _optical_density(c_h, c_e, stain)
+    gain = _colour_gain(od, tissue, stain)
     rgb = np.exp(np.negative(od, out=od), out=od)
-    rgb *= np.asarray(255.0 * np.asarray(stain["tint"]), np.float32)
+    rgb *= np.asarray(255.0 * gain * np.asarray(stain["tint"]), np.float32)
     rgb += rng.normal(0, 4.0, (1, 1, 3)).astype(np.float32) + _grain(rng, H, W)
     bg = np.asarray(BACKGROUND, np.float32) * np.asarray(stain["tint"], np.float32)
     off = ~tissue
