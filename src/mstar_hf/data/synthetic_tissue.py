@@ -36,7 +36,8 @@ BACKGROUND = (242, 241, 239)
 # Mean hematoxylin / eosin concentration of every pattern (see `paint_tissue`).
 _MEAN_H, _MEAN_E = 0.22, 0.5
 # per-pattern correction for Beer-Lambert's non-linearity: sparse dark structures on a pale ground
-# (adipose) transmit more light than the same mean uptake spread evenly (solid sheets)
+# (adipose) transmit more light than the same mean uptake spread evenly (solid sheets); what is left,
+# slide by slide, the white balance of `_colour_gain` takes out
 _UPTAKE = (1.0, 1.0, 0.8, 1.05, 1.6)
 
 
@@ -236,9 +237,10 @@ def _reference_sample() -> tuple[np.ndarray, np.ndarray]:
 
 def _colour_gain(od: np.ndarray, tissue: np.ndarray, stain: dict) -> np.ndarray:
     """Per-channel gain (3,) that brings the slide's mean tissue transmission (from its optical density
-    `od`, (H, W, 3), sampled every third pixel) to that of the reference mix under the same stain. Beer-Lambert is non-linear: at equal mean uptake, dense patterns (solid
-    sheets) transmit less light than sparse ones, so without this a slide's mean colour would still tell
-    its pattern mix, hence its type. Scanners and stain normalisation do the same white balance."""
+    `od`, (H, W, 3), sampled every third pixel) to that of the reference mix under the same stain.
+    Beer-Lambert is non-linear: at equal mean uptake, dense patterns (solid sheets) transmit less light
+    than sparse ones, so without this a slide's mean colour would still tell its pattern mix, hence its
+    type. Scanners' white balance and stain normalisation do much the same to real slides."""
     ref_h, ref_e = _reference_sample()
     reference = np.exp(-_optical_density(ref_h, ref_e, stain)).mean(axis=0)
     sub = od[::3, ::3][tissue[::3, ::3]]
