@@ -91,10 +91,10 @@ def test_quick_demo_trains_and_serves_mstar(quick_demo):
 
 @pytest.mark.xfail(strict=False, reason=(
     "issue #14 is open: on the full demo's 24 held-out cases (cohort seeds 0 / 1) the declared zero-shot is 0.88 / 0.79 "
-    "(>= 0.8) and the shuffled-pairing control 0.46 / 0.46 (<= 0.45); the initial (pretrained-start) encoder's one-shot "
+    "(>= 0.8) and the shuffled-pairing control, mean of three shuffles, 0.49 / 0.32 (<= 0.45); the initial (pretrained-start) encoder's one-shot "
     "prototypes are 0.81 / 0.69 (goal <= 0.5; an untrained encoder's 0.33 / 0.35); the Stage 2 encoder gains few-shot "
     "k=1 +0.07 / +0.03 and linear probe +0.00 / +0.00 (goal +0.10), within the ceiling its teacher's own patch tokens "
-    "set (+0.11 / +0.10); reports lose to copy-nearest (BLEU-1 0.393 / 0.366 vs 0.434 / 0.416); the quick demo's "
+    "set (+0.11 / +0.10); reports lose to copy-nearest (BLEU-1 0.393 / 0.366 vs 0.439 / 0.416); the quick demo's "
     "smaller cohort meets "
     "fewer; the assertions below are the goals, and the failure message says which one is missed"))
 def test_quick_demo_meets_the_learning_goals(quick_demo):

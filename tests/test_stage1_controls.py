@@ -1,11 +1,12 @@
 """Stage 1's held-out figures come from the slide/report/RNA pairing (issue #14): the same training on
 shuffled pairing gives chance-level zero-shot and type retrieval, while the true pairing does not."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from mstar_hf.demo import DECLARED_ZERO_SHOT, _zero_shot, minilm_path
-from mstar_hf.demo_eval import shuffled_pairing_manifest
+from mstar_hf.demo_eval import balanced_permutation, shuffled_pairing_manifest
 
 STEPS = 80
 
@@ -34,10 +35,32 @@ def test_shuffled_pairing_manifest_permutes_only_training_partners(synthetic_coh
     for column in ("report", "rna_path"):
         assert sorted(a.loc[train, column]) == sorted(b.loc[train, column])  # a permutation ...
         assert (a.loc[train, column] != b.loc[train, column]).mean() > 0.8  # ... that moves (nearly) every case
+        # ... and gives every type's slides partners of every type in near-chance proportions
+        partner_type = b.loc[train, column].map(dict(zip(a.loc[train, column], a.loc[train, "cancer_type"])))
+        if a.loc[train, column].is_unique:
+            table = pd.crosstab(a.loc[train, "cancer_type"], partner_type).to_numpy()
+            n = table.sum(1)
+            assert np.abs(table - np.outer(n, n) / n.sum()).max() <= 1.0 + 1e-9, table
     lonely = tmp_path / "one.csv"
     a[train].head(1).to_csv(lonely, index=False)
     with pytest.raises(ValueError, match="fewer than 2 cases"):
         shuffled_pairing_manifest(lonely, tmp_path / "x.csv")
+
+
+@pytest.mark.parametrize("sizes", [(16, 16, 16), (16, 15, 17), (5, 3), (2, 2, 2), (7,)])
+def test_balanced_permutation_spreads_partners_evenly_and_moves_every_row(sizes):
+    groups = np.repeat(np.arange(len(sizes)), sizes)
+    for seed in range(3):
+        perm = balanced_permutation(groups, np.random.default_rng(seed))
+        assert sorted(perm.tolist()) == list(range(len(groups)))
+        assert not (perm == np.arange(len(groups))).any()
+        table = pd.crosstab(groups, groups[perm]).reindex(index=range(len(sizes)), columns=range(len(sizes)),
+                                                           fill_value=0).to_numpy()
+        n = np.asarray(sizes)
+        # within one of the even share (tiny groups may need a cell rounded up twice)
+        assert np.abs(table - np.outer(n, n) / n.sum()).max() <= (1.0 if min(sizes) >= 5 else 2.0) + 1e-9, table
+        # same-group pairs at chance, up to the roundings
+        assert abs(np.trace(table) - (n ** 2).sum() / n.sum()) <= len(sizes), table
 
 
 @pytest.mark.skipif(minilm_path() is None, reason="needs the offline all-MiniLM-L6-v2 package")
@@ -62,3 +85,17 @@ def test_stage1_on_shuffled_pairing_is_at_chance(synthetic_cohort, tmp_path):
     assert true["type_R@1"] >= true["type_chance@1"] + 0.25
     assert control["zero_shot"] <= 0.5
     assert control["type_R@1"] <= control["type_chance@1"] + 0.15
+
+
+def test_control_summary_averages_the_shuffles():
+    from mstar_hf.demo import _control_summary
+
+    def run(seed, zero_shot, type_r1):
+        return {"shuffle_seed": seed, "zero_shot": {"balanced_accuracy": zero_shot, "chance": 1 / 3},
+                "retrieval": {"slide->report": {"type_R@1": type_r1, "type_chance@1": 0.34}}}
+
+    summary = _control_summary([run(0, 0.75, 0.4), run(1000, 0.25, 0.2), run(2000, 0.2, 0.3)])
+    assert summary["shuffles"] == 3 and [r["shuffle_seed"] for r in summary["runs"]] == [0, 1000, 2000]
+    assert summary["zero_shot_balanced_accuracy"] == pytest.approx(0.4)
+    assert summary["slide->report_type_R@1"] == pytest.approx(0.3)
+    assert summary["chance"] == pytest.approx(1 / 3) and summary["slide->report_type_chance@1"] == 0.34
