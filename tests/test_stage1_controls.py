@@ -35,16 +35,26 @@ def test_shuffled_pairing_manifest_permutes_only_training_partners(synthetic_coh
     for column in ("report", "rna_path"):
         assert sorted(a.loc[train, column]) == sorted(b.loc[train, column])  # a permutation ...
         assert (a.loc[train, column] != b.loc[train, column]).mean() > 0.8  # ... that moves (nearly) every case
-        # ... and gives every type's slides partners of every type in near-chance proportions
-        partner_type = b.loc[train, column].map(dict(zip(a.loc[train, column], a.loc[train, "cancer_type"])))
-        if a.loc[train, column].is_unique:
-            table = pd.crosstab(a.loc[train, "cancer_type"], partner_type).to_numpy()
-            n = table.sum(1)
-            assert np.abs(table - np.outer(n, n) / n.sum()).max() <= 1.0 + 1e-9, table
     lonely = tmp_path / "one.csv"
     a[train].head(1).to_csv(lonely, index=False)
     with pytest.raises(ValueError, match="fewer than 2 cases"):
         shuffled_pairing_manifest(lonely, tmp_path / "x.csv")
+
+
+def test_shuffled_pairs_spread_evenly_over_the_types(tmp_path):
+    # every value unique, so each shuffled partner's type can be read back
+    types = np.repeat(["a", "b", "c"], [16, 15, 17])
+    frame = pd.DataFrame({"case_id": [f"C{i}" for i in range(len(types))], "cancer_type": types,
+                          "report": [f"report {i}" for i in range(len(types))],
+                          "rna_path": [f"rna/{i}.csv" for i in range(len(types))], "split": "train"})
+    frame.to_csv(tmp_path / "manifest.csv", index=False)
+    shuffled = pd.read_csv(shuffled_pairing_manifest(tmp_path / "manifest.csv", tmp_path / "shuffled.csv", seed=0))
+    n = np.asarray([16, 15, 17])
+    for column in ("report", "rna_path"):
+        partner_type = shuffled[column].map(dict(zip(frame[column], frame["cancer_type"])))
+        table = pd.crosstab(frame["cancer_type"], partner_type).to_numpy()
+        assert np.abs(table - np.outer(n, n) / n.sum()).max() <= 1.0 + 1e-9, table
+        assert (shuffled[column] != frame[column]).all()
 
 
 @pytest.mark.parametrize("sizes", [(16, 16, 16), (16, 15, 17), (5, 3), (2, 2, 2), (7,)])

@@ -220,8 +220,8 @@ def balanced_permutation(groups, rng: np.random.Generator) -> np.ndarray:
     """A permutation `perm` (row i's partner is row `perm[i]`) under which every group's rows get partners
     spread over the groups as evenly as the sizes allow (n_t * n_s / N each, rounded up in random
     cells), and no row is its own partner where that can be avoided. A plain random permutation
-    leaves chance correlations: on the demo's 48 training cases one drew 21 same-type report pairs where
-    16 is chance, and Stage 1 learned from them."""
+    leaves chance correlations between the paired types: on the demo's 48 training cases one drew 21
+    same-type report pairs where 16 is chance."""
     groups = np.asarray(groups)
     kinds = sorted(set(groups.tolist()))
     index = {k: np.flatnonzero(groups == k) for k in kinds}
