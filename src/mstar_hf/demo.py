@@ -108,9 +108,11 @@ class DemoSettings:
     few_shot_support: int = 4
     # Stage 1 again on shuffled slide/report/RNA pairing: what the held-out figures are without the pairing
     shuffled_control: bool = True
-    # one shuffle's zero-shot is one draw of an arbitrary match between slide clusters and class prompts: over
-    # five shuffles of the cohort-seed-0 demo 0.75 / 0.29 / 0.33 / 0.08 / 0.33 (mean 0.36), on seed 1 0.29 /
-    # 0.04 / 0.54 / 0.25 / 0.38 (0.30); the control is the mean over this many shuffles (~15 s each)
+    # one shuffle's zero-shot is one draw of an arbitrary match between the slides' type clusters and the class
+    # prompts: with pure clusters it is 1, 1/3 or 0 (p = 1/6, 1/2, 1/3), so even with nothing learned from the
+    # pairing the mean of 3 shuffles exceeds 0.45 with p = 0.20 (10 shuffles: 0.14). The control is the mean over
+    # this many shuffles (~15 s each; `mstar-hf demo --control-shuffles N`). Ten shuffles of the full demo:
+    # 0.33 +- 0.08 / 0.42 +- 0.06 (cohort seeds 0 / 1, range 0.00-0.79); their first three 0.47 / 0.54
     shuffled_control_repeats: int = 3
     extra: dict = field(default_factory=dict)
 
@@ -118,6 +120,9 @@ class DemoSettings:
         if not 2 <= self.num_types <= MAX_TYPES:
             raise ValueError(f"--types {self.num_types}: the demo needs 2 to {MAX_TYPES} cancer types "
                              "(zero-shot needs at least two classes; the cohort generator knows ten).")
+        if not isinstance(self.shuffled_control_repeats, int) or self.shuffled_control_repeats < 1:
+            raise ValueError(f"shuffled_control_repeats {self.shuffled_control_repeats!r}: the control needs at least "
+                             "one shuffle (turn it off with shuffled_control=False).")
         if self.cases_per_type < MIN_CASES_PER_TYPE:
             raise ValueError(
                 f"--cases {self.cases_per_type}: too few cases per type for the splits; the minimum is "
@@ -182,12 +187,16 @@ def _balanced_accuracy(truth, predicted) -> float:
     return float(balanced_accuracy_score(truth, predicted))
 
 
-def _zero_shot(model_dir, cases, labels, mode, patch_source, heatmap_dir=None, support=None):
-    """Held-out zero-/few-shot predictions through `pipeline("wsi-zero-shot")`."""
+def _zero_shot(model_dir, cases, labels, mode, patch_source, heatmap_dir=None, support=None, loaded=None):
+    """Held-out zero-/few-shot predictions through `pipeline("wsi-zero-shot")`. `loaded` ({model_dir:
+    pipeline}) keeps one pipeline per model across calls, so its class prompts are embedded once."""
     from .pipelines import load_pipeline
     from .pipelines.heatmap import save_zero_shot_heatmap
 
-    classifier = load_pipeline("wsi-zero-shot", str(model_dir))
+    loaded = {} if loaded is None else loaded
+    if str(model_dir) not in loaded:
+        loaded[str(model_dir)] = load_pipeline("wsi-zero-shot", str(model_dir))
+    classifier = loaded[str(model_dir)]
     truth, predicted = [], []
     for i, case in enumerate(cases):
         drawn = heatmap_dir is not None and i < 3
@@ -249,11 +258,15 @@ def _held_out_reports(report_dir, stage1_dir, cases, train_cases, predictions_pa
 
 
 def _control_summary(runs: list[dict]) -> dict:
-    """The shuffled-pairing control over its shuffles: mean zero-shot and slide->report type R@1, and each run."""
+    """The shuffled-pairing control over its shuffles: mean zero-shot (with its standard error over the
+    shuffles, None for one) and slide->report type R@1, and each run."""
+    import statistics
+
     zero_shot = [run["zero_shot"]["balanced_accuracy"] for run in runs]
     type_r1 = [run["retrieval"].get("slide->report", {}).get("type_R@1") for run in runs]
     type_r1 = [v for v in type_r1 if v is not None]
     return {"shuffles": len(runs), "zero_shot_balanced_accuracy": sum(zero_shot) / len(zero_shot),
+            "zero_shot_standard_error": statistics.stdev(zero_shot) / len(zero_shot) ** 0.5 if len(runs) > 1 else None,
             "chance": runs[0]["zero_shot"]["chance"],
             "slide->report_type_R@1": sum(type_r1) / len(type_r1) if type_r1 else None,
             "slide->report_type_chance@1": runs[0]["retrieval"].get("slide->report", {}).get("type_chance@1"),
@@ -420,9 +433,10 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
         train_cases = [c for c in cohort if c["split"] == "train"]
         heatmaps = out / "heatmaps"
         heatmaps.mkdir(exist_ok=True)
+        loaded = {}  # one pipeline per model for every mode below
         zero_shot = {
-            "patch_topk": _zero_shot(stage1_dir, test_cases, labels, "patch_topk", "aggregator", heatmaps),
-            "slide": _zero_shot(stage1_dir, test_cases, labels, "slide", "aggregator"),
+            "patch_topk": _zero_shot(stage1_dir, test_cases, labels, "patch_topk", "aggregator", heatmaps, loaded=loaded),
+            "slide": _zero_shot(stage1_dir, test_cases, labels, "slide", "aggregator", loaded=loaded),
         }
         # the paper's route: the Stage 2 encoder's patch features -> its trained projection -> text
         stage2_cases = [{**c, "features_path": demo_eval.features_path(c, out / "features_stage2")} for c in test_cases]
@@ -437,7 +451,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
         support = {}
         for label in labels:
             support[label] = [c["features_path"] for c in train_cases if c["cancer_type"] == label][: settings.few_shot_support]
-        few_shot = _zero_shot(stage1_dir, test_cases, labels, "patch_topk", "aggregator", support=support)
+        few_shot = _zero_shot(stage1_dir, test_cases, labels, "patch_topk", "aggregator", support=support, loaded=loaded)
         reports = _held_out_reports(report_dir, stage1_dir, test_cases, train_cases, out / "report_predictions.jsonl",
                                     labels=labels if isinstance(labels, dict) else None)
 
@@ -578,9 +592,13 @@ def summary_table(results: dict) -> str:
     control = results.get("shuffled_pairing_control")
     if control:
         each = [run["zero_shot_balanced_accuracy"] for run in control["runs"]]
-        rows.append((f"control: Stage 1 on shuffled pairing, zero-shot BA (mean of {control['shuffles']} shuffles)",
-                     f"{control['zero_shot_balanced_accuracy']:.2f} ({' / '.join(f'{v:.2f}' for v in each)})",
-                     f"chance {control['chance']:.2f}; goal <= 0.45"))
+        se = control.get("zero_shot_standard_error")
+        rows.append((f"control: Stage 1 on shuffled pairing, zero-shot BA (mean of {control['shuffles']} shuffles"
+                     + (" +- SE)" if se is not None else ")"),
+                     f"{control['zero_shot_balanced_accuracy']:.2f}" + (f" +- {se:.2f}" if se is not None else "")
+                     + f" ({' / '.join(f'{v:.2f}' for v in each)})",
+                     f"chance {control['chance']:.2f}; goal <= 0.45; one shuffle lands near 1, 1/3 or 0 (an arbitrary "
+                     "match of type clusters to prompts): `--control-shuffles N` tightens the mean"))
         if control.get("slide->report_type_R@1") is not None:
             rows.append(("control: slide->report type R@1 (mean)", f"{control['slide->report_type_R@1']:.2f}",
                          f"chance {control['slide->report_type_chance@1']:.2f}"))

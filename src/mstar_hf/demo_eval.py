@@ -216,18 +216,28 @@ def collapse_report(stage1_dir, train_bags: list, test_bags: list) -> dict:
             "stage1_slide_embeddings": probes.mean_pairwise_cosine(slides.double().numpy())}
 
 
-def balanced_permutation(groups, rng: np.random.Generator) -> np.ndarray:
+def balanced_permutation(groups, rng: np.random.Generator, partner_groups=None) -> np.ndarray:
     """A permutation `perm` (row i's partner is row `perm[i]`) under which every group's rows get partners
-    spread over the groups as evenly as the sizes allow (n_t * n_s / N each, rounded up in random
+    spread over the partner groups as evenly as the sizes allow (n_t * m_u / N each, rounded up in random
     cells), and no row is its own partner where that can be avoided. A plain random permutation
     leaves chance correlations between the paired types: on the demo's 48 training cases one drew 21
-    same-type report pairs where 16 is chance."""
+    same-type report pairs where 16 is chance.
+
+    `partner_groups` (default: `groups`) is the group of each row *as a partner*: the control gives a
+    missing report its own group, else the empty reports of one type land unevenly and the real
+    reports a slide type gets are skewed (6 / 3 / 4 of 13 on a demo shuffle where 4.3 each is even)."""
     groups = np.asarray(groups)
+    partner_groups = groups if partner_groups is None else np.asarray(partner_groups)
+    if partner_groups.shape != groups.shape:
+        raise ValueError(f"partner_groups has {partner_groups.shape[0]} rows, groups {groups.shape[0]}.")
     kinds = sorted(set(groups.tolist()))
+    partner_kinds = sorted(set(partner_groups.tolist()))
     index = {k: np.flatnonzero(groups == k) for k in kinds}
+    partner_index = {k: np.flatnonzero(partner_groups == k) for k in partner_kinds}
     n = np.asarray([len(index[k]) for k in kinds])
-    counts = np.floor(np.outer(n, n) / n.sum()).astype(int)
-    rows_left, cols_left = n - counts.sum(1), n - counts.sum(0)
+    m = np.asarray([len(partner_index[k]) for k in partner_kinds])
+    counts = np.floor(np.outer(n, m) / n.sum()).astype(int)
+    rows_left, cols_left = n - counts.sum(1), m - counts.sum(0)
     bumped = np.zeros_like(counts, dtype=bool)
     while rows_left.sum():
         cells = [(t, u) for t in np.flatnonzero(rows_left) for u in np.flatnonzero(cols_left)]
@@ -240,20 +250,20 @@ def balanced_permutation(groups, rng: np.random.Generator) -> np.ndarray:
         rows_left[t] -= 1
         cols_left[u] -= 1
     perm = np.empty(len(groups), dtype=int)
-    partners = {k: list(rng.permutation(index[k])) for k in kinds}
+    partners = {k: list(rng.permutation(partner_index[k])) for k in partner_kinds}
     for t, k in enumerate(kinds):
         rows = rng.permutation(index[k])
         start = 0
-        for u, other in enumerate(kinds):
+        for u, other in enumerate(partner_kinds):
             for row in rows[start:start + counts[t, u]]:
                 perm[row] = partners[other].pop()
             start += counts[t, u]
-    # a row that drew itself swaps partners with another row whose partner is of the same group (the
-    # counts stay; neither row can end up with itself)
+    # a row that drew itself swaps partners with another row whose partner is of the same partner group
+    # (the counts stay; neither row can end up with itself)
     for i in np.flatnonzero(perm == np.arange(len(perm))):
         if perm[i] != i:
             continue
-        same = [j for j in np.flatnonzero(groups[perm] == groups[i]) if j != i]
+        same = [j for j in np.flatnonzero(partner_groups[perm] == partner_groups[i]) if j != i]
         if same:
             j = same[rng.integers(len(same))]
             perm[i], perm[j] = perm[j], perm[i]
@@ -265,7 +275,8 @@ def shuffled_pairing_manifest(manifest: str | Path, out_path: str | Path, seed: 
     """A copy of `manifest` where the reports and the RNA profiles of the cases in `splits` are permuted
     (each by its own permutation without fixed points where possible), so a slide's partners come from random
     other cases: the control for Stage 1. With `balance_column` (when the manifest has it) the permutations
-    are `balanced_permutation`s over its values, so the shuffled pairs carry no type by chance either.
+    are `balanced_permutation`s over its values (a case missing the modality counted apart), so the
+    shuffled pairs carry no type by chance either.
     Labels stay with the slides; held-out cases keep their true data."""
     import pandas as pd
 
@@ -279,7 +290,10 @@ def shuffled_pairing_manifest(manifest: str | Path, out_path: str | Path, seed: 
     balance = balance_column if balance_column in frame.columns else None
     for column in ("report", "rna_path"):
         if balance:
-            perm = balanced_permutation(frame[balance].to_numpy()[rows], rng)
+            # a case without this modality is a partner of its own kind ("" is never a type)
+            types = frame[balance].astype(str).to_numpy()[rows]
+            present = frame[column].astype(str).str.strip().to_numpy()[rows] != ""
+            perm = balanced_permutation(types, rng, partner_groups=np.where(present, types, ""))
         else:
             perm = rng.permutation(len(rows))
             for _ in range(100):  # a derangement: no case keeps its own partner

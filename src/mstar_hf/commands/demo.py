@@ -15,6 +15,11 @@ def register(subparsers):
     parser.add_argument("--cases", type=int, default=None, help="cases per type (default 24; --quick: 10; minimum 5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="the <= 3 minute variant")
+    parser.add_argument("--control-shuffles", type=int, default=None, metavar="N",
+                        help="shuffled-pairing control: Stage 1 retrained on N shuffles, the figure is their mean "
+                             "(default 3; --quick: none; 0: no control). With 3 types one shuffle's zero-shot is "
+                             "near 1, 1/3 or 0 by an arbitrary match of clusters to prompts: more shuffles, "
+                             "a tighter control (~15 s each)")
     parser.add_argument("--slide", default=None, help="also run the pipelines on this real slide (e.g. CMU-1-Small-Region.svs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
@@ -33,6 +38,13 @@ def run(args) -> int:
     overrides = {"num_types": args.types, "seed": args.seed}
     if args.cases is not None:
         overrides["cases_per_type"] = args.cases
+    if args.control_shuffles is not None:
+        if args.control_shuffles < 0:
+            print(f"mstar-hf demo: error: --control-shuffles {args.control_shuffles}: must be 0 or more.", file=sys.stderr)
+            return 2
+        overrides["shuffled_control"] = args.control_shuffles > 0
+        if args.control_shuffles > 0:
+            overrides["shuffled_control_repeats"] = args.control_shuffles
     try:
         settings = DemoSettings.quick(**overrides) if args.quick else DemoSettings(**overrides)
     except ValueError as error:  # e.g. too few cases per type for the splits
