@@ -190,6 +190,19 @@ def test_demo_folder_never_keeps_results_of_an_earlier_run(tmp_path):
         DemoFolder.open(tmp_path / "d", settings)
 
 
+def test_more_control_shuffles_reopen_only_the_control(tmp_path):
+    settings = vars(DemoSettings())
+    folder = DemoFolder.open(tmp_path / "d", settings)
+    for stage in ("cohort", "stage1", "stage1_control", "stage2"):
+        folder.mark(stage)
+    more = DemoFolder.open(tmp_path / "d", {**settings, "shuffled_control_repeats": 10})
+    assert more.reopened == ["stage1_control"] and more.finished == ["cohort", "stage1", "stage2"]
+    assert json.loads((tmp_path / "d" / STATE_FILE).read_text())["settings"]["shuffled_control_repeats"] == 10
+    # any other change is another demo: refused, naming what differs
+    with pytest.raises(DemoFolderError, match=r"cases_per_type: 24 there, 10 here"):
+        DemoFolder.open(tmp_path / "d", {**settings, "shuffled_control_repeats": 10, "cases_per_type": 10})
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--cases", "3"], f"too few cases per type for the splits; the minimum is {MIN_CASES_PER_TYPE}"),
     (["--types", "1"], "2 to 10 cancer types"),

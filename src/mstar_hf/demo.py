@@ -322,6 +322,9 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
     state = DemoFolder.open(out_dir, vars(settings), overwrite=overwrite)
     if state.resumed and not quiet:
         print(f"resuming the demo in {out_dir}: reusing the finished stages {', '.join(state.resumed)}", flush=True)
+    if state.reopened and not quiet:
+        print(f"running again, for the changed settings: {', '.join(state.reopened)} (its finished parts are reused)",
+              flush=True)
     if quiet:
         import datasets
         from transformers.utils import logging as hf_logging

@@ -4,7 +4,10 @@ A demo folder carries `demo_state.json`: the settings it was made with and the s
 Re-running with the same settings skips finished stages (training stages that were cut short resume
 from their last checkpoint); `results.json` and `summary.md` are removed before any work, so a run
 that dies again leaves no results that look new. A folder with other content, or a demo made with
-other settings, is refused unless `overwrite=True`, which empties it first.
+other settings, is refused unless `overwrite=True`, which empties it first. The exceptions are settings
+that only say how much of one stage to run (`RESUMABLE_CHANGES`): changing them reopens that stage,
+which reuses what it finished (a demo run with three control shuffles gets seven more for
+`--control-shuffles 10`, not a new demo).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ STATE_FILE = "demo_state.json"
 STATE_VERSION = 1
 # Written at the end of a run: removed first on every (re-)run.
 RESULT_FILES = ("results.json", "summary.md")
+# setting -> the stage a change of it reopens (every other setting must match the folder's)
+RESUMABLE_CHANGES = {"shuffled_control": "stage1_control", "shuffled_control_repeats": "stage1_control"}
 
 
 class DemoFolderError(ValueError):
@@ -42,8 +47,10 @@ def _guard_deletion(out: Path) -> None:
 class DemoFolder:
     """State of one demo output folder. Use `DemoFolder.open(...)`, then `done` / `mark` per stage."""
 
-    def __init__(self, path: Path, settings: dict, finished: list[str], resumed: list[str]):
+    def __init__(self, path: Path, settings: dict, finished: list[str], resumed: list[str],
+                 reopened: list[str] | None = None):
         self.path, self.settings, self.finished, self.resumed = path, settings, finished, resumed
+        self.reopened = reopened or []  # finished stages run again because a RESUMABLE_CHANGES setting changed
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
     @classmethod
@@ -54,6 +61,7 @@ class DemoFolder:
             raise DemoFolderError(f"--out {out}: is a file, not a folder.")
         state_path = out / STATE_FILE
         finished: list[str] = []
+        reopened: list[str] = []
         if out.is_dir() and any(out.iterdir()):
             state = None
             if state_path.is_file():
@@ -69,17 +77,23 @@ class DemoFolder:
                 raise DemoFolderError(
                     f"--out {out}: the folder is not empty and is not a demo folder (no readable {STATE_FILE}); "
                     "choose another folder or pass --overwrite to empty it.")
-            elif state.get("version") != STATE_VERSION or _canonical(state.get("settings", {})) != settings:
-                raise DemoFolderError(
-                    f"--out {out}: holds a demo made with other settings ({state.get('settings')}); "
-                    "pass --overwrite to replace it, or choose another folder.")
             else:
+                old = _canonical(state.get("settings", {})) if state.get("version") == STATE_VERSION else None
+                changed = sorted(k for k in set(old or {}) | set(settings) if (old or {}).get(k) != settings.get(k))
+                fixed = [k for k in changed if k not in RESUMABLE_CHANGES]
+                if old is None or fixed:
+                    differences = ", ".join(f"{k}: {(old or {}).get(k)!r} there, {settings.get(k)!r} here" for k in fixed)
+                    raise DemoFolderError(
+                        f"--out {out}: holds a demo made with other settings ({differences or state.get('settings')}); "
+                        "pass --overwrite to replace it, or choose another folder.")
                 finished = list(state.get("finished", []))
+                reopened = [s for s in dict.fromkeys(RESUMABLE_CHANGES[k] for k in changed) if s in finished]
+                finished = [s for s in finished if s not in reopened]
         out.mkdir(parents=True, exist_ok=True)
         # whatever happens next, no results from an earlier run may pass for this run's
         for name in RESULT_FILES:
             (out / name).unlink(missing_ok=True)
-        folder = cls(out, settings, finished, resumed=list(finished))
+        folder = cls(out, settings, finished, resumed=list(finished), reopened=reopened)
         folder._write()
         return folder
 
@@ -100,4 +114,4 @@ class DemoFolder:
         os.replace(tmp, self.path / STATE_FILE)
 
 
-__all__ = ["DemoFolder", "DemoFolderError", "STATE_FILE", "RESULT_FILES"]
+__all__ = ["DemoFolder", "DemoFolderError", "RESULT_FILES", "RESUMABLE_CHANGES", "STATE_FILE"]
