@@ -1,6 +1,9 @@
 """Shared fixtures: tiny model configs and the real test slide (tests/data, see its README)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -12,6 +15,9 @@ REAL_SLIDE = ROOT / "tests" / "data" / "CMU-1-Small-Region.svs"  # in the reposi
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub (the hub tests run their own server)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the stand-in encoder's per-machine cache: the tests' own (one per pytest process, removed at exit), never the user's
+os.environ["MSTAR_HF_CACHE"] = _TEST_CACHE = tempfile.mkdtemp(prefix="mstar-hf-test-cache-")
+atexit.register(shutil.rmtree, _TEST_CACHE, ignore_errors=True)
 # `make test` runs the files on several pytest-xdist workers: the cores are shared among them (two 2-thread
 # torch processes on 2 cores slow each other down many times over), and each worker's distributed runs
 # (torchrun, accelerate, DeepSpeed) rendezvous on a port of its own instead of everyone's default 29500.

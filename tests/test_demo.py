@@ -63,6 +63,10 @@ def test_quick_demo_trains_and_serves_mstar(quick_demo):
     print(f"quick demo runtime: {quick_demo['first_run_s']:.0f} s until killed after Stage 1 + {results['total_s']:.0f} s "
           "resumed (goal <= 180 s in one go on 2 idle cores)")
 
+    # the stand-in encoder went through this test process's cache (conftest's MSTAR_HF_CACHE, never the user's)
+    encoder = results["initial_encoder"]
+    assert encoder["cache"] in ("stored", "hit"), encoder
+    assert encoder["cache_entry"].startswith(os.environ["MSTAR_HF_CACHE"]), encoder
     # every held-out measurement of issue #14 is there (whether it meets its goal is the next test)
     for key in ("difficulty", "zero_shot_declared", "stage2_downstream", "stage2_distillation", "stage2_teacher_ceiling"):
         assert results[key], key
@@ -228,3 +232,13 @@ def test_control_shuffles_flag_sets_the_control(tmp_path, monkeypatch, argv, ena
     assert seen["settings"].shuffled_control is enabled and seen["settings"].shuffled_control_repeats == repeats
     with pytest.raises(ValueError, match="at least one shuffle"):
         demo.DemoSettings(shuffled_control_repeats=0)
+
+
+@pytest.mark.parametrize("argv, cached", [([], True), (["--no-encoder-cache"], False)])
+def test_no_encoder_cache_flag_trains_the_stand_in_again(tmp_path, monkeypatch, argv, cached):
+    import mstar_hf.demo as demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda out, settings, **kw: seen.update(kw))
+    assert cli_main(["demo", "--quick", "--out", str(tmp_path / "out"), *argv]) == 0
+    assert seen["encoder_cache"] is cached

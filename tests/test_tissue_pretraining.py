@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from mstar_hf.data.synthetic_tissue import PATTERNS, draw_stain
@@ -42,3 +43,40 @@ def test_pretraining_lowers_the_loss_and_saves_a_loadable_encoder(tmp_path):
     with torch.no_grad():
         out = model(pixel_values=torch.zeros(2, 3, 224, 224)).pooler_output
     assert out.shape == (2, model.config.hidden_size)
+
+
+def test_the_cache_trains_once_and_gives_the_same_weights(tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    from mstar_hf.training_utils.tissue_pretraining import cached_tissue_encoder, pretraining_key
+
+    cache, settings = tmp_path / "cache", dict(num_slides=2, steps=4, batch_size=8, seed=3)
+    first = cached_tissue_encoder(tmp_path / "a", cache_dir=cache, quiet=True, **settings)
+    second = cached_tissue_encoder(tmp_path / "b", cache_dir=cache, quiet=True, **settings)
+    fresh = cached_tissue_encoder(tmp_path / "c", use_cache=False, quiet=True, **settings)
+    assert (first["cache"], second["cache"], fresh["cache"]) == ("stored", "hit", "off")
+    entry = cache / "tissue_encoder" / pretraining_key(**{**settings, "size": "tiny", "learning_rate": 1e-3,
+                                                          "stain_spread": 0.3, "warmup_fraction": 0.1})
+    assert second["cache_entry"] == str(entry) and not list(entry.parent.glob(".*"))  # no staging left behind
+    weights = [load_file(tmp_path / name / "model.safetensors") for name in "abc"]
+    for name in weights[0]:  # a hit is the trained model to the bit, and so is training it again
+        assert torch.equal(weights[0][name], weights[1][name]) and torch.equal(weights[0][name], weights[2][name])
+    assert json.loads((tmp_path / "b" / "pretraining.json").read_text())["cache"] == "hit"
+    # other settings are another entry; a damaged entry is trained again, with a warning naming it
+    assert cached_tissue_encoder(tmp_path / "d", cache_dir=cache, quiet=True, **{**settings, "seed": 4})["cache"] == "stored"
+    (entry / "model.safetensors").unlink()
+    again = cached_tissue_encoder(tmp_path / "e", cache_dir=cache, quiet=True, **settings)
+    assert again["cache"] == "stored" and str(entry) in caplog.text and "model.safetensors" in caplog.text
+    with pytest.raises(TypeError, match="stepz"):
+        cached_tissue_encoder(tmp_path / "f", cache_dir=cache, stepz=3)
+
+
+def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    from mstar_hf.training_utils.tissue_pretraining import CACHE_ENV, default_cache_dir
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    monkeypatch.setenv(CACHE_ENV, "off")
+    assert default_cache_dir() is None
+    monkeypatch.delenv(CACHE_ENV)
+    assert default_cache_dir().name == "mstar_hf"

@@ -308,8 +308,12 @@ def _fresh(folder: Path) -> Path:
 
 
 def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: str | None = None,
-             quiet: bool = False, overwrite: bool = False) -> dict:
+             quiet: bool = False, overwrite: bool = False, encoder_cache: bool = True) -> dict:
     """Runs the demo into `out_dir`; returns (and writes) results.json.
+
+    `encoder_cache`: take the stand-in patch encoder from the machine's cache when an earlier demo
+    trained it (`training_utils.tissue_pretraining.cached_tissue_encoder`; the same weights), else train it
+    and store it there.
 
     `out_dir` must be new, empty or an earlier demo with the same settings, whose finished stages are
     reused (an interrupted run resumes; unfinished stages restart); anything else raises
@@ -321,7 +325,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
     from .modeling import MStarImageProcessor, MStarPatchModel
     from .presets import patch_config
     from .training_utils import report_generation, stage2
-    from .training_utils.tissue_pretraining import pretrain_tissue_encoder
+    from .training_utils.tissue_pretraining import cached_tissue_encoder
 
     settings = settings or DemoSettings()
     state = DemoFolder.open(out_dir, vars(settings), overwrite=overwrite)
@@ -360,9 +364,13 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
         if not state.done("patch_encoder_init"):
             _fresh(init_dir)
             if settings.encoder_pretraining_steps > 0:
-                pretrain_tissue_encoder(init_dir, num_slides=settings.encoder_pretraining_slides,
-                                        steps=settings.encoder_pretraining_steps,
-                                        seed=settings.encoder_pretraining_seed, quiet=quiet)
+                # one fixed model whatever the cohort (as UNI is): trained once per machine, then copied
+                encoder = cached_tissue_encoder(init_dir, use_cache=encoder_cache, quiet=quiet,
+                                                num_slides=settings.encoder_pretraining_slides,
+                                                steps=settings.encoder_pretraining_steps,
+                                                seed=settings.encoder_pretraining_seed)
+                if encoder["cache"] == "hit" and not quiet:
+                    print(f"   the stand-in encoder, trained before on this machine: {encoder['cache_entry']}", flush=True)
             else:
                 MStarPatchModel(patch_config("tiny")).save_pretrained(init_dir)
                 MStarImageProcessor().save_pretrained(init_dir)
@@ -580,7 +588,8 @@ def summary_table(results: dict) -> str:
         rows.append(("initial patch encoder (stand-in for UNI): tissue-pattern pretraining",
                      f"loss {enc['first_loss']:.3f} -> {enc['last_loss']:.3f}",
                      f"{enc['tiles']} tiles of {enc['slides']} painted slides of other types; target entropy "
-                     f"{enc['target_entropy']:.3f}"))
+                     f"{enc['target_entropy']:.3f}"
+                     + ("; trained by an earlier demo on this machine (cache)" if enc.get("cache") == "hit" else "")))
     difficulty = results.get("difficulty") or {}
     judged = ("mean_rgb_nearest_centroid", "initial_encoder_few_shot_k1", "untrained_encoder_few_shot_k1")
     for key, what in (("mean_rgb_nearest_centroid", "difficulty: slide mean-RGB nearest centroid"),

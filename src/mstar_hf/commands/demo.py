@@ -21,6 +21,10 @@ def register(subparsers):
                              "near 1, 1/3 or 0 by an arbitrary match of clusters to prompts: more shuffles, "
                              "a tighter control (~15 s each)")
     parser.add_argument("--slide", default=None, help="also run the pipelines on this real slide (e.g. CMU-1-Small-Region.svs)")
+    parser.add_argument("--no-encoder-cache", action="store_true",
+                        help="train the stand-in patch encoder even when this machine has it cached from an earlier "
+                             "demo (default: copy it, the same weights; cache: $MSTAR_HF_CACHE, else "
+                             "$HF_HOME/mstar_hf)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
@@ -51,7 +55,8 @@ def run(args) -> int:
         print(f"mstar-hf demo: error: {error}", file=sys.stderr)
         return 2
     try:
-        run_demo(args.out, settings, slide=args.slide, quiet=args.quiet, overwrite=args.overwrite)
+        run_demo(args.out, settings, slide=args.slide, quiet=args.quiet, overwrite=args.overwrite,
+                 encoder_cache=not args.no_encoder_cache)
     except DemoFolderError as error:
         print(f"mstar-hf demo: error: {error}", file=sys.stderr)
         return 2

@@ -13,13 +13,20 @@ relevant properties, on data the cohort does not contain:
 * stains from a narrow pool (`stain_spread` of the cohort's variation: "one lab"), so on the cohort's
   many stains its features still move with the stain, as a real encoder's do on another site's slides;
 * target: each 256-px tile's share of every tissue pattern (soft cross-entropy).
+
+Like UNI it is one fixed model whatever the cohort, so `cached_tissue_encoder` keeps it in a per-machine
+cache (as the Hub client keeps a download): trained once, then copied.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,7 +34,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+logger = logging.getLogger(__name__)
+
 FIRST_TYPE = 10  # pretraining types: indices the demo cohorts (at most 10 types) never use
+# where `cached_tissue_encoder` keeps encoders: this variable's folder ("off" disables the cache), else
+# $HF_HOME/mstar_hf (~/.cache/huggingface/mstar_hf)
+CACHE_ENV = "MSTAR_HF_CACHE"
+_NEEDED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "pretraining.json")
 
 
 def _paint_one(job: tuple) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -131,4 +144,84 @@ def pretrain_tissue_encoder(output_dir, size: str = "tiny", num_slides: int = 80
     return record
 
 
-__all__ = ["FIRST_TYPE", "painted_tiles", "pretrain_tissue_encoder"]
+def default_cache_dir() -> Path | None:
+    """`$MSTAR_HF_CACHE` (None when it says off / 0 / none / false / nothing), else `$HF_HOME/mstar_hf`."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "none", "false") else Path(value).expanduser()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "mstar_hf"
+
+
+def pretraining_key(**settings) -> str:
+    """What the trained weights depend on: the settings, the code that paints the tiles and builds and
+    trains the model, the library versions and the thread count (CPU kernels reduce in a thread-dependent
+    order). A change to any of them is a new key, so a stale encoder is never reused."""
+    import timm
+
+    package = Path(__file__).resolve().parents[1]
+    sources = [Path(__file__).resolve(), package / "data" / "synthetic_tissue.py", package / "presets.py",
+               *sorted((package / "modeling").glob("*.py"))]
+    digest = hashlib.sha256(json.dumps({**settings, "torch": torch.__version__, "timm": timm.__version__,
+                                        "numpy": np.__version__, "threads": torch.get_num_threads()},
+                                       sort_keys=True).encode())
+    for source in sources:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:20]
+
+
+def cached_tissue_encoder(output_dir, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
+                          quiet: bool = False, **settings) -> dict:
+    """`pretrain_tissue_encoder(output_dir, **settings)` through a per-machine cache (`cache_dir`, default
+    `default_cache_dir()`): the first call trains and stores the encoder under its `pretraining_key`, later
+    ones copy it, the same weights to the bit. The returned record (and `pretraining.json`) says which
+    happened (`cache`: "hit", "stored" or "off"). A damaged cache entry is trained again."""
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(pretrain_tissue_encoder).parameters.items()
+                if p.default is not inspect.Parameter.empty and name != "quiet"}
+    unknown = set(settings) - set(defaults)
+    if unknown:
+        raise TypeError(f"cached_tissue_encoder: unknown pretraining settings {sorted(unknown)}")
+    settings = {**defaults, **settings}
+    root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) if use_cache else None
+    output_dir = Path(output_dir)
+    if root is None:
+        return _with_cache_note(output_dir, pretrain_tissue_encoder(output_dir, quiet=quiet, **settings), "off", None)
+    key = pretraining_key(**settings)
+    entry = root / "tissue_encoder" / key
+    if entry.is_dir():
+        try:
+            record = json.loads((entry / "pretraining.json").read_text())
+            missing = [name for name in _NEEDED_FILES if not (entry / name).is_file()]
+            if missing:
+                raise OSError(f"missing {', '.join(missing)}")
+            shutil.copytree(entry, output_dir, dirs_exist_ok=True)
+            return _with_cache_note(output_dir, record, "hit", entry)
+        except (OSError, ValueError) as err:
+            logger.warning("the cached tissue encoder %s is damaged (%s): training it again", entry, err)
+            shutil.rmtree(entry, ignore_errors=True)
+    record = pretrain_tissue_encoder(output_dir, quiet=quiet, **settings)
+    # stored under a private name, then renamed: a concurrent run never reads a half-written entry
+    staging = root / "tissue_encoder" / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(output_dir, staging)
+        os.rename(staging, entry)
+        note = "stored"
+    except OSError as err:  # another run stored it first, or the cache is not writable: the model is trained
+        logger.info("tissue encoder not cached in %s (%s)", entry, err)
+        shutil.rmtree(staging, ignore_errors=True)
+        note = "stored" if entry.is_dir() else "off"
+    return _with_cache_note(output_dir, record, note, entry if note == "stored" else None)
+
+
+def _with_cache_note(output_dir: Path, record: dict, note: str, entry: Path | None) -> dict:
+    record = {**record, "cache": note, "cache_entry": None if entry is None else str(entry)}
+    (output_dir / "pretraining.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+__all__ = ["CACHE_ENV", "FIRST_TYPE", "cached_tissue_encoder", "default_cache_dir", "painted_tiles",
+           "pretrain_tissue_encoder", "pretraining_key"]
