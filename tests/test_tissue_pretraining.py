@@ -80,3 +80,14 @@ def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     assert default_cache_dir() is None
     monkeypatch.delenv(CACHE_ENV)
     assert default_cache_dir().name == "mstar_hf"
+
+
+def test_an_unwritable_cache_still_trains_and_says_why(tmp_path, caplog):
+    from mstar_hf.training_utils.tissue_pretraining import cached_tissue_encoder
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache should be")
+    record = cached_tissue_encoder(tmp_path / "enc", cache_dir=blocker, quiet=True, num_slides=2, steps=2, batch_size=8)
+    assert record["cache"] == "off" and record["cache_entry"] is None
+    assert (tmp_path / "enc" / "model.safetensors").is_file()
+    assert str(blocker) in caplog.text and "MSTAR_HF_CACHE" in caplog.text

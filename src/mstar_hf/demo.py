@@ -202,16 +202,15 @@ def _zero_shot(model_dir, cases, labels, mode, patch_source, heatmap_dir=None, s
     if str(model_dir) not in loaded:
         loaded[str(model_dir)] = load_pipeline("wsi-zero-shot", str(model_dir))
     classifier = loaded[str(model_dir)]
-    truth, predicted = [], []
-    for i, case in enumerate(cases):
-        drawn = heatmap_dir is not None and i < 3
-        preds = classifier(case["features_path"], candidate_labels=labels, mode=mode, patch_source=patch_source,
-                           support=support, return_patch_scores=drawn)
-        truth.append(case["cancer_type"])
-        predicted.append(preds[0]["label"])
-        if drawn:
-            save_zero_shot_heatmap(preds, Path(heatmap_dir) / f"{case['slide_id']}_{mode}.png", slide=case["slide_path"],
-                                   title=f"{case['slide_id']} ({case['cancer_type']}): cosine with {preds[0]['label']!r}")
+    options = dict(candidate_labels=labels, mode=mode, patch_source=patch_source, support=support)
+    drawn = cases[:3] if heatmap_dir is not None else []  # these with their patch scores, for the heatmaps
+    outputs = [classifier(case["features_path"], return_patch_scores=True, **options) for case in drawn]
+    rest = [case["features_path"] for case in cases[len(drawn):]]
+    outputs += classifier(rest, batch_size=8, **options) if rest else []  # batched: the same as one by one (tested)
+    for case, preds in zip(drawn, outputs):
+        save_zero_shot_heatmap(preds, Path(heatmap_dir) / f"{case['slide_id']}_{mode}.png", slide=case["slide_path"],
+                               title=f"{case['slide_id']} ({case['cancer_type']}): cosine with {preds[0]['label']!r}")
+    truth, predicted = [case["cancer_type"] for case in cases], [preds[0]["label"] for preds in outputs]
     return {"balanced_accuracy": _balanced_accuracy(truth, predicted), "n": len(cases),
             "chance": 1.0 / len(labels), "predicted": predicted, "truth": truth}
 
@@ -235,12 +234,14 @@ def _held_out_reports(report_dir, stage1_dir, cases, train_cases, predictions_pa
 
     cases, train_cases = [c for c in cases if has_report(c)], [c for c in train_cases if has_report(c)]
     writer = load_pipeline("wsi-report-generation", str(report_dir))
-    generated = [_report_text(writer(c["features_path"])) for c in cases]
+    # batches of slides (the pipelines' batch_size; the same outputs as one by one, tested): beam search on one
+    # slide at a time was most of this stage
+    generated = [_report_text(out) for out in writer([c["features_path"] for c in cases], batch_size=8)]
     embedder = load_pipeline("wsi-feature-extraction", str(stage1_dir))
 
     def embed(group):
-        return torch.stack([torch.as_tensor(embedder(c["features_path"], project=True)["slide_embedding_shared"])
-                            for c in group]).float()
+        outputs = embedder([c["features_path"] for c in group], project=True, batch_size=8)
+        return torch.stack([torch.as_tensor(out["slide_embedding_shared"]) for out in outputs]).float()
 
     nearest = (F.normalize(embed(cases), dim=-1) @ F.normalize(embed(train_cases), dim=-1).T).argmax(dim=1).tolist()
     references = [c["report"] for c in cases]

@@ -211,9 +211,11 @@ def cached_tissue_encoder(output_dir, cache_dir: str | os.PathLike | None = None
         os.rename(staging, entry)
         note = "stored"
     except OSError as err:  # another run stored it first, or the cache is not writable: the model is trained
-        logger.info("tissue encoder not cached in %s (%s)", entry, err)
         shutil.rmtree(staging, ignore_errors=True)
         note = "stored" if entry.is_dir() else "off"
+        if note == "off":
+            logger.warning("the tissue encoder could not be cached in %s (%s): later runs train it again (set %s "
+                           "to a writable folder)", entry, err, CACHE_ENV)
     return _with_cache_note(output_dir, record, note, entry if note == "stored" else None)
 
 
