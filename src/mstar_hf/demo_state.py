@@ -78,11 +78,12 @@ class DemoFolder:
                     f"--out {out}: the folder is not empty and is not a demo folder (no readable {STATE_FILE}); "
                     "choose another folder or pass --overwrite to empty it.")
             else:
-                old = _canonical(state.get("settings", {})) if state.get("version") == STATE_VERSION else None
-                changed = sorted(k for k in set(old or {}) | set(settings) if (old or {}).get(k) != settings.get(k))
+                # another state version: no settings to compare, so every setting differs
+                old = _canonical(state.get("settings", {})) if state.get("version") == STATE_VERSION else {}
+                changed = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))
                 fixed = [k for k in changed if k not in RESUMABLE_CHANGES]
-                if old is None or fixed:
-                    differences = ", ".join(f"{k}: {(old or {}).get(k)!r} there, {settings.get(k)!r} here" for k in fixed)
+                if not old or fixed:
+                    differences = ", ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} here" for k in fixed)
                     raise DemoFolderError(
                         f"--out {out}: holds a demo made with other settings ({differences or state.get('settings')}); "
                         "pass --overwrite to replace it, or choose another folder.")
