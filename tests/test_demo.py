@@ -16,8 +16,8 @@ from mstar_hf.demo import MIN_CASES_PER_TYPE, DemoSettings, run_demo
 from mstar_hf.demo_state import STATE_FILE, DemoFolder, DemoFolderError
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINING_STAGES = ["cohort", "patch_encoder_init", "features", "stage1", "stage2", "features_stage2", "report_generator",
-                   "features_untrained"]
+TRAINING_STAGES = ["cohort", "patch_encoder_init", "features", "stage1", "stage2", "features_stage2", "features_untrained",
+                   "report_generator"]
 
 
 def _finished(out: Path) -> list[str]:

@@ -24,11 +24,13 @@ import logging
 import os
 import shutil
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .demo_jobs import BackgroundJob, reaped_cpu_s
 from .demo_state import DemoFolder
 
 logger = logging.getLogger(__name__)
@@ -150,6 +152,11 @@ def minilm_path() -> str | None:
     return str(path) if (path / "config.json").is_file() else None
 
 
+def _own_cpu_s() -> float:
+    """User+sys seconds of this process and its finished children, less the background jobs (timed apart)."""
+    return sum(os.times()[:4]) - reaped_cpu_s()
+
+
 class _Timer:
     """Wall and CPU (user+sys) seconds per stage: on a shared machine wall time measures the load, CPU time the work."""
 
@@ -161,17 +168,28 @@ class _Timer:
 
         class _Ctx:
             def __enter__(self):
-                self.t, self.c = time.time(), sum(os.times()[:4])
+                self.t, self.c = time.time(), _own_cpu_s()
                 if not timer.quiet:
                     print(f"\n== {name} ==", flush=True)
 
             def __exit__(self, *exc):
                 timer.times[name] = round(time.time() - self.t, 1)
-                timer.cpu[name] = round(sum(os.times()[:4]) - self.c, 1)
+                timer.cpu[name] = round(_own_cpu_s() - self.c, 1)
                 if not timer.quiet and exc[0] is None:
                     print(f"   ({timer.times[name]:.1f} s wall, {timer.cpu[name]:.1f} s CPU)", flush=True)
 
         return _Ctx()
+
+    def record(self, name: str, wall: float, cpu: float):
+        """A stage that ran in another process (`demo_jobs.BackgroundJob`), beside the ones timed here."""
+        self.times[name], self.cpu[name] = round(wall, 1), round(cpu, 1)
+        if not self.quiet:
+            print(f"   ({name}: {self.times[name]:.1f} s wall, {self.cpu[name]:.1f} s CPU)", flush=True)
+
+
+# how the demo extracts features, here and through `mstar-hf extract` in a background job (on one thread there)
+EXTRACTION = dict(batch_size=64, num_workers=1)
+EXTRACTION_FLAGS = ["--batch-size", "64", "--num-workers", "1"]
 
 
 def _extract(slides, out_dir, model_dir, quiet):
@@ -179,8 +197,8 @@ def _extract(slides, out_dir, model_dir, quiet):
     from .wsi.extraction import extract_features
 
     model = MStarPatchModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-    summary = extract_features(slides, out_dir, model, MStarImageProcessor.from_pretrained(model_dir), batch_size=64,
-                               num_workers=1, quiet=quiet, qc=True)
+    summary = extract_features(slides, out_dir, model, MStarImageProcessor.from_pretrained(model_dir), quiet=quiet,
+                               qc=True, **EXTRACTION)
     if summary["failed"]:
         raise RuntimeError(f"feature extraction failed for {summary['failed']} slides: see {out_dir}/failures.csv")
     return summary
@@ -288,109 +306,41 @@ def _train_stage1(manifest, output_dir, init_dir, text_model, settings: "DemoSet
         Stage1DataArguments, Stage1ModelArguments, Stage1TrainingArguments, run_stage1,
     )
 
-    return run_stage1(
-        Stage1ModelArguments(patch_model_name_or_path=str(init_dir), model_size="tiny",
-                             text_model_name_or_path=text_model, freeze_text_encoder=text_model is not None,
-                             patch_alignment_loss_weight=settings.stage1_patch_alignment_weight),
-        Stage1DataArguments(manifest=str(manifest), max_patches=settings.max_patches, eval_split="val,test",
-                            patch_keep_fraction=settings.stage1_patch_keep_fraction),
-        Stage1TrainingArguments(output_dir=str(output_dir), max_train_steps=settings.stage1_steps,
-                                per_device_train_batch_size=settings.stage1_batch_size, learning_rate=settings.stage1_learning_rate,
-                                num_warmup_steps=5,
-                                with_tracking=False, quiet=quiet, seed=settings.seed),
-    )
+    # one thread: no slower for this tiny model (15.7 s against 15.8 s on two), and the other core is free for
+    # the job beside it (`demo_jobs`); the result does not depend on the machine's core count
+    with _torch_threads(1):
+        return run_stage1(
+            Stage1ModelArguments(patch_model_name_or_path=str(init_dir), model_size="tiny",
+                                 text_model_name_or_path=text_model, freeze_text_encoder=text_model is not None,
+                                 patch_alignment_loss_weight=settings.stage1_patch_alignment_weight),
+            Stage1DataArguments(manifest=str(manifest), max_patches=settings.max_patches, eval_split="val,test",
+                                patch_keep_fraction=settings.stage1_patch_keep_fraction),
+            Stage1TrainingArguments(output_dir=str(output_dir), max_train_steps=settings.stage1_steps,
+                                    per_device_train_batch_size=settings.stage1_batch_size,
+                                    learning_rate=settings.stage1_learning_rate, num_warmup_steps=5,
+                                    with_tracking=False, quiet=quiet, seed=settings.seed),
+        )
 
 
-def _fresh(folder: Path) -> Path:
-    """An unfinished stage restarts cleanly: whatever it left behind is removed first."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    return folder
+@contextmanager
+def _torch_threads(threads: int | None):
+    """torch's intra-op threads set to `threads` (None: unchanged) inside the block, restored after."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: str | None = None,
-             quiet: bool = False, overwrite: bool = False, encoder_cache: bool = True) -> dict:
-    """Runs the demo into `out_dir`; returns (and writes) results.json.
-
-    `encoder_cache`: take the stand-in patch encoder from the machine's cache when an earlier demo
-    trained it (`training_utils.tissue_pretraining.cached_tissue_encoder`; the same weights), else train it
-    and store it there.
-
-    `out_dir` must be new, empty or an earlier demo with the same settings, whose finished stages are
-    reused (an interrupted run resumes; unfinished stages restart); anything else raises
-    `DemoFolderError` unless `overwrite=True`, which empties the folder first.
-    """
-    from . import data as cohort_data
+def _control_and_stage2(out, manifest, init_dir, stage1_dir, slides, text_model, settings, state, timer, common, quiet):
+    """Stages 3b (the shuffled-pairing control), 4/8 (Stage 2) and 5/8 (features with the Stage 2 encoder).
+    Returns (the control runs' (seed, folder) pairs, the Stage 2 folder, Stage 2's results)."""
     from . import demo_eval
-    from .hub import render_model_card
-    from .modeling import MStarImageProcessor, MStarPatchModel
-    from .presets import patch_config
-    from .training_utils import report_generation, stage2
-    from .training_utils.tissue_pretraining import cached_tissue_encoder
+    from .training_utils import stage2
 
-    settings = settings or DemoSettings()
-    state = DemoFolder.open(out_dir, vars(settings), overwrite=overwrite)
-    if state.resumed and not quiet:
-        print(f"resuming the demo in {out_dir}: reusing the finished stages {', '.join(state.resumed)}", flush=True)
-    if state.reopened and not quiet:
-        print(f"running again, for the changed settings: {', '.join(state.reopened)} (its finished parts are reused)",
-              flush=True)
-    if quiet:
-        import datasets
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-    out = Path(out_dir)
     models = out / "models"
-    timer = _Timer(quiet)
-    cpu_start = sum(os.times()[:4])
-    torch.manual_seed(settings.seed)
-    text_model = minilm_path()
-    common = ["--seed", str(settings.seed), "--with_tracking", "false"] + (["--quiet"] if quiet else [])
-
-    with timer.stage("1/8 synthetic multimodal cohort"):
-        if not state.done("cohort"):
-            cohort_data.make_synthetic_cohort(
-                _fresh(out / "cohort"), num_types=settings.num_types, cases_per_type=settings.cases_per_type,
-                seed=settings.seed, slide_size=tuple(settings.slide_size), num_genes=settings.num_genes, quiet=quiet)
-            state.mark("cohort")
-        manifest = out / "cohort" / "manifest.csv"
-        cohort = cohort_data.load_cohort(manifest, check_files=False)
-        info = json.loads((out / "cohort" / "cohort.json").read_text())
-
-    with timer.stage("2/8 the initial patch encoder (stand-in for UNI) and patch features (OpenSlide -> tissue -> "
-                     "256 px tiles at 20x -> patch encoder)"):
-        init_dir = models / "patch_encoder_init"
-        if not state.done("patch_encoder_init"):
-            _fresh(init_dir)
-            if settings.encoder_pretraining_steps > 0:
-                # one fixed model whatever the cohort (as UNI is): trained once per machine, then copied
-                encoder = cached_tissue_encoder(init_dir, use_cache=encoder_cache, quiet=quiet,
-                                                num_slides=settings.encoder_pretraining_slides,
-                                                steps=settings.encoder_pretraining_steps,
-                                                seed=settings.encoder_pretraining_seed)
-                if encoder["cache"] == "hit" and not quiet:
-                    print(f"   the stand-in encoder, trained before on this machine: {encoder['cache_entry']}", flush=True)
-            else:
-                MStarPatchModel(patch_config("tiny")).save_pretrained(init_dir)
-                MStarImageProcessor().save_pretrained(init_dir)
-            # features made by another random encoder must not be mixed with this one's
-            _fresh(out / "cohort" / "features")
-            state.mark("patch_encoder_init")
-        slides = sorted((out / "cohort" / "slides").glob("*.tiff"))
-        # extraction resumes by itself: slides whose features file is complete are skipped
-        extraction = _extract(slides, out / "cohort" / "features", init_dir, quiet)
-        state.mark("features")
-
-    with timer.stage("3/8 Stage 1: slide aggregator + report + RNA encoders (contrastive + triplet)"):
-        stage1_dir = models / "stage1"
-        if state.done("stage1"):
-            stage1 = json.loads((stage1_dir / "stage1_results.json").read_text())
-        else:
-            stage1 = _train_stage1(manifest, _fresh(stage1_dir), init_dir, text_model, settings, quiet)
-            state.mark("stage1")
-
     # shuffle r uses seed `seed + 1000 r`; each its own model folder
     control_runs = [(settings.seed + 1000 * r, models / f"stage1_shuffled_pairing_{r}")
                     for r in range(max(1, settings.shuffled_control_repeats))]
@@ -424,11 +374,166 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
         if not state.done("features_stage2"):
             _extract(slides, _fresh(out / "features_stage2"), stage2_dir / "patch_encoder", quiet)
             state.mark("features_stage2")
+    return control_runs, stage2_dir, stage2_results
 
-    with timer.stage("6/8 report generator (aggregator regions -> 3-layer decoder)"):
+
+def _held_out_zero_shot(out, stage1_dir, stage2_dir, control_runs, train_cases, test_cases, labels, settings):
+    """Zero-shot (every route), the control's and few-shot on the held-out cases, through `pipeline("wsi-zero-shot")`.
+    Returns (zero_shot {route: result}, the control runs' results or None, few_shot)."""
+    from . import demo_eval
+
+    heatmaps = out / "heatmaps"
+    heatmaps.mkdir(exist_ok=True)
+    loaded = {}  # one pipeline per model for every mode below
+    zero_shot = {
+        "patch_topk": _zero_shot(stage1_dir, test_cases, labels, "patch_topk", "aggregator", heatmaps, loaded=loaded),
+        "slide": _zero_shot(stage1_dir, test_cases, labels, "slide", "aggregator", loaded=loaded),
+    }
+    # the paper's route: the Stage 2 encoder's patch features -> its trained projection -> text
+    stage2_cases = [{**c, "features_path": demo_eval.features_path(c, out / "features_stage2")} for c in test_cases]
+    zero_shot["encoder_stage2"] = _zero_shot(stage2_dir / "mstar_model", stage2_cases, labels, "patch_topk", "encoder")
+    control = None
+    if settings.shuffled_control:
+        control = [{"shuffle_seed": shuffle_seed,
+                    "zero_shot": _zero_shot(control_dir, test_cases, labels, **DECLARED_ZERO_SHOT),
+                    "retrieval": json.loads((control_dir / "stage1_results.json").read_text())["retrieval"]}
+                   for shuffle_seed, control_dir in control_runs]
+    support = {label: [c["features_path"] for c in train_cases if c["cancer_type"] == label][: settings.few_shot_support]
+               for label in labels}
+    few_shot = _zero_shot(stage1_dir, test_cases, labels, "patch_topk", "aggregator", support=support, loaded=loaded)
+    return zero_shot, control, few_shot
+
+
+def _held_out_baselines(out, stage1_dir, stage2_dir, untrained_features, train_cases, test_cases, seed) -> dict:
+    """`demo_eval`'s difficulty baselines, the initial vs Stage 2 encoder downstream, Stage 2's distillation
+    metrics, the teacher's ceiling and the collapse check, on the held-out cases."""
+    from . import demo_eval
+
+    untrained_bags = (demo_eval.load_bags(train_cases, untrained_features), demo_eval.load_bags(test_cases, untrained_features))
+    init_bags = (demo_eval.load_bags(train_cases), demo_eval.load_bags(test_cases))
+    stage2_bags = (demo_eval.load_bags(train_cases, out / "features_stage2"),
+                   demo_eval.load_bags(test_cases, out / "features_stage2"))
+    return {
+        "difficulty": demo_eval.difficulty_baselines(train_cases, test_cases, *init_bags, seed=seed,
+                                                     untrained_bags=untrained_bags),
+        "downstream": demo_eval.encoder_comparison(train_cases, test_cases, {"initial": init_bags, "stage2": stage2_bags},
+                                                   seed=seed),
+        "distillation": demo_eval.distillation_report(stage1_dir, stage2_dir / "mstar_model", init_bags, stage2_bags),
+        "ceiling": demo_eval.teacher_ceiling(stage1_dir, train_cases, test_cases, init_bags, seed=seed),
+        "collapse": demo_eval.collapse_report(stage1_dir, *init_bags),
+    }
+
+
+def _fresh(folder: Path) -> Path:
+    """An unfinished stage restarts cleanly: whatever it left behind is removed first."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    return folder
+
+
+def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: str | None = None,
+             quiet: bool = False, overwrite: bool = False, encoder_cache: bool = True) -> dict:
+    """Runs the demo into `out_dir`; returns (and writes) results.json.
+
+    `encoder_cache`: take the stand-in patch encoder from the machine's cache when an earlier demo
+    trained it (`training_utils.tissue_pretraining.cached_tissue_encoder`; the same weights), else train it
+    and store it there.
+
+    `out_dir` must be new, empty or an earlier demo with the same settings, whose finished stages are
+    reused (an interrupted run resumes; unfinished stages restart); anything else raises
+    `DemoFolderError` unless `overwrite=True`, which empties the folder first.
+    """
+    from . import data as cohort_data
+    from .hub import render_model_card
+    from .modeling import MStarImageProcessor, MStarPatchModel
+    from .presets import patch_config
+    from .training_utils.tissue_pretraining import cached_tissue_encoder
+
+    settings = settings or DemoSettings()
+    state = DemoFolder.open(out_dir, vars(settings), overwrite=overwrite)
+    if state.resumed and not quiet:
+        print(f"resuming the demo in {out_dir}: reusing the finished stages {', '.join(state.resumed)}", flush=True)
+    if state.reopened and not quiet:
+        print(f"running again, for the changed settings: {', '.join(state.reopened)} (its finished parts are reused)",
+              flush=True)
+    if quiet:
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    out = Path(out_dir)
+    models = out / "models"
+    timer = _Timer(quiet)
+    cpu_start = sum(os.times()[:4])
+    torch.manual_seed(settings.seed)
+    text_model = minilm_path()
+    common = ["--seed", str(settings.seed), "--with_tracking", "false"] + (["--quiet"] if quiet else [])
+
+    with timer.stage("1/8 synthetic multimodal cohort"):
+        if not state.done("cohort"):
+            cohort_data.make_synthetic_cohort(
+                _fresh(out / "cohort"), num_types=settings.num_types, cases_per_type=settings.cases_per_type,
+                seed=settings.seed, slide_size=tuple(settings.slide_size), num_genes=settings.num_genes, quiet=quiet)
+            state.mark("cohort")
+        manifest = out / "cohort" / "manifest.csv"
+        cohort = cohort_data.load_cohort(manifest, check_files=False)
+        info = json.loads((out / "cohort" / "cohort.json").read_text())
+
+    # jobs run in other processes beside this one (`demo_jobs`); stopped if the demo fails or is interrupted
+    with ExitStack() as background:
+        with timer.stage("2/8 the initial patch encoder (stand-in for UNI) and patch features (OpenSlide -> tissue -> "
+                         "256 px tiles at 20x -> patch encoder)"):
+            init_dir = models / "patch_encoder_init"
+            if not state.done("patch_encoder_init"):
+                _fresh(init_dir)
+                if settings.encoder_pretraining_steps > 0:
+                    # one fixed model whatever the cohort (as UNI is): trained once per machine, then copied
+                    encoder = cached_tissue_encoder(init_dir, use_cache=encoder_cache, quiet=quiet,
+                                                    num_slides=settings.encoder_pretraining_slides,
+                                                    steps=settings.encoder_pretraining_steps,
+                                                    seed=settings.encoder_pretraining_seed)
+                    if encoder["cache"] == "hit" and not quiet:
+                        print(f"   the stand-in encoder, trained before on this machine: {encoder['cache_entry']}", flush=True)
+                else:
+                    MStarPatchModel(patch_config("tiny")).save_pretrained(init_dir)
+                    MStarImageProcessor().save_pretrained(init_dir)
+                # features made by another random encoder must not be mixed with this one's
+                _fresh(out / "cohort" / "features")
+                state.mark("patch_encoder_init")
+            slides = sorted((out / "cohort" / "slides").glob("*.tiff"))
+            # extraction resumes by itself: slides whose features file is complete are skipped
+            extraction = _extract(slides, out / "cohort" / "features", init_dir, quiet)
+            state.mark("features")
+
+        # the difficulty baseline of an encoder that learned nothing: the same ViT, randomly initialised; its
+        # features are extracted in another process (`demo_jobs`) while Stage 1 trains on one thread
+        untrained_dir, untrained_features = models / "patch_encoder_untrained", out / "features_untrained"
+        untrained_job = None
+        if not state.done("features_untrained"):
+            torch.manual_seed(settings.seed + 1)
+            MStarPatchModel(patch_config("tiny")).save_pretrained(_fresh(untrained_dir))
+            MStarImageProcessor().save_pretrained(untrained_dir)
+            _fresh(untrained_features)
+            untrained_job = background.enter_context(BackgroundJob(
+                "the untrained encoder's feature extraction", "mstar_hf.cli",
+                ["extract", "--slides", *map(str, slides), "--out", str(untrained_features), "--model", str(untrained_dir),
+                 *EXTRACTION_FLAGS, "--num-threads", "1", "--quiet"], out / "logs" / "features_untrained.log").start())
+
+        with timer.stage("3/8 Stage 1: slide aggregator + report + RNA encoders (contrastive + triplet)"):
+            stage1_dir = models / "stage1"
+            if state.done("stage1"):
+                stage1 = json.loads((stage1_dir / "stage1_results.json").read_text())
+            else:
+                stage1 = _train_stage1(manifest, _fresh(stage1_dir), init_dir, text_model, settings, quiet)
+                state.mark("stage1")
+
+        # The report generator needs only Stage 1 and the initial features: it trains in its own process (one
+        # thread, `demo_jobs`) while this one runs the control, Stage 2 and the Stage 2 features
         report_dir = models / "report_generator"
+        report_job = None
         if not state.done("report_generator"):
-            report_generation.main([
+            report_job = background.enter_context(BackgroundJob("the report generator", "mstar_hf.training_utils.report_generation", [
                 "--manifest", str(manifest), "--stage1_model_name_or_path", str(stage1_dir),
                 "--patch_model_name_or_path", str(init_dir), "--output_dir", str(_fresh(report_dir)),
                 "--max_train_steps", str(settings.report_steps), "--eval_split", "val,test",
@@ -438,61 +543,40 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
                 # overfits); the paper's beam of 3: on the held-out reports of cohort seeds 0 / 1 it names
                 # the right cancer type in 0.77 / 0.58 of them against 0.55 / 0.46 greedy, and lifts BLEU-1
                 # 0.330 -> 0.370 / 0.326 -> 0.353
-                "--freeze_aggregator", "true", "--num_beams", "3", *common])
-            state.mark("report_generator")
-        report_results = json.loads((report_dir / "report_results.json").read_text())
-
-    with timer.stage("7/8 held-out zero-shot, few-shot and report generation (pipelines)"):
+                "--freeze_aggregator", "true", "--num_beams", "3", *common],
+                out / "logs" / "report_generator.log").start())
+            if not quiet:
+                print(f"\n== 6/8 report generator (aggregator regions -> 3-layer decoder): training in the background "
+                      f"beside 3b-5/8, log {report_job.log_path} ==", flush=True)
+        control_runs, stage2_dir, stage2_results = _control_and_stage2(out, manifest, init_dir, stage1_dir, slides, text_model,
+                                                                       settings, state, timer, common, quiet)
         labels = {k: v for k, v in info["class_prompts"].items()} if isinstance(info["class_prompts"], dict) else None
         labels = labels or cohort_data.class_prompts(info["cancer_types"])
         # every case no training step saw (val and test): more held-out cases than the test split alone
         test_cases = [c for c in cohort if c["split"] in ("val", "test")]
         train_cases = [c for c in cohort if c["split"] == "train"]
-        heatmaps = out / "heatmaps"
-        heatmaps.mkdir(exist_ok=True)
-        loaded = {}  # one pipeline per model for every mode below
-        zero_shot = {
-            "patch_topk": _zero_shot(stage1_dir, test_cases, labels, "patch_topk", "aggregator", heatmaps, loaded=loaded),
-            "slide": _zero_shot(stage1_dir, test_cases, labels, "slide", "aggregator", loaded=loaded),
-        }
-        # the paper's route: the Stage 2 encoder's patch features -> its trained projection -> text
-        stage2_cases = [{**c, "features_path": demo_eval.features_path(c, out / "features_stage2")} for c in test_cases]
-        zero_shot["encoder_stage2"] = _zero_shot(stage2_dir / "mstar_model", stage2_cases, labels, "patch_topk", "encoder")
-        declared = "patch_topk" if DECLARED_ZERO_SHOT["patch_source"] == "aggregator" else "encoder_stage2"
-        control = None
-        if settings.shuffled_control:
-            control = [{"shuffle_seed": shuffle_seed,
-                        "zero_shot": _zero_shot(control_dir, test_cases, labels, **DECLARED_ZERO_SHOT),
-                        "retrieval": json.loads((control_dir / "stage1_results.json").read_text())["retrieval"]}
-                       for shuffle_seed, control_dir in control_runs]
-        support = {}
-        for label in labels:
-            support[label] = [c["features_path"] for c in train_cases if c["cancer_type"] == label][: settings.few_shot_support]
-        few_shot = _zero_shot(stage1_dir, test_cases, labels, "patch_topk", "aggregator", support=support, loaded=loaded)
+        with timer.stage("7/8 held-out zero-shot and few-shot (pipelines)"):
+            zero_shot, control, few_shot = _held_out_zero_shot(out, stage1_dir, stage2_dir, control_runs, train_cases,
+                                                               test_cases, labels, settings)
+        with timer.stage("7b/8 held-out difficulty baselines and Stage 2 downstream (initial vs Stage 2 encoder)"):
+            if untrained_job is not None:
+                untrained_job.wait()
+                state.mark("features_untrained")
+            evaluation = _held_out_baselines(out, stage1_dir, stage2_dir, untrained_features, train_cases, test_cases,
+                                             settings.seed)
+        with timer.stage("6/8 waiting for the report generator"):
+            if report_job is not None:
+                report_job.wait()
+                state.mark("report_generator")
+        for job, name in ((untrained_job, "2b the untrained encoder's features"), (report_job, "6/8 report generator")):
+            if job is not None:
+                timer.record(f"{name} (in the background)", job.wall_s, job.cpu_s)
+    report_results = json.loads((report_dir / "report_results.json").read_text())
+    declared = "patch_topk" if DECLARED_ZERO_SHOT["patch_source"] == "aggregator" else "encoder_stage2"
+
+    with timer.stage("7c/8 held-out report generation (pipeline)"):
         reports = _held_out_reports(report_dir, stage1_dir, test_cases, train_cases, out / "report_predictions.jsonl",
                                     labels=labels if isinstance(labels, dict) else None)
-
-    with timer.stage("7b/8 held-out difficulty baselines and Stage 2 downstream (initial vs Stage 2 encoder)"):
-        # the difficulty baseline of an encoder that learned nothing: the same ViT, randomly initialised
-        untrained_dir, untrained_features = models / "patch_encoder_untrained", out / "features_untrained"
-        if not state.done("features_untrained"):
-            torch.manual_seed(settings.seed + 1)
-            MStarPatchModel(patch_config("tiny")).save_pretrained(_fresh(untrained_dir))
-            MStarImageProcessor().save_pretrained(untrained_dir)
-            _extract(slides, _fresh(untrained_features), untrained_dir, quiet)
-            state.mark("features_untrained")
-        untrained_bags = (demo_eval.load_bags(train_cases, untrained_features),
-                          demo_eval.load_bags(test_cases, untrained_features))
-        init_bags = (demo_eval.load_bags(train_cases), demo_eval.load_bags(test_cases))
-        stage2_bags = (demo_eval.load_bags(train_cases, out / "features_stage2"),
-                       demo_eval.load_bags(test_cases, out / "features_stage2"))
-        difficulty = demo_eval.difficulty_baselines(train_cases, test_cases, *init_bags, seed=settings.seed,
-                                                    untrained_bags=untrained_bags)
-        downstream = demo_eval.encoder_comparison(train_cases, test_cases, {"initial": init_bags, "stage2": stage2_bags},
-                                                  seed=settings.seed)
-        distillation = demo_eval.distillation_report(stage1_dir, stage2_dir / "mstar_model", init_bags, stage2_bags)
-        ceiling = demo_eval.teacher_ceiling(stage1_dir, train_cases, test_cases, init_bags, seed=settings.seed)
-        collapse = demo_eval.collapse_report(stage1_dir, *init_bags)
 
     real = None
     if slide:
@@ -517,12 +601,12 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
         "zero_shot_declared": {"route": declared, **DECLARED_ZERO_SHOT,
                                "balanced_accuracy": zero_shot[declared]["balanced_accuracy"]},
         "shuffled_pairing_control": None if control is None else _control_summary(control),
-        "difficulty": difficulty,
-        "stage2_downstream": downstream,
-        "stage2_distillation": distillation,
+        "difficulty": evaluation["difficulty"],
+        "stage2_downstream": evaluation["downstream"],
+        "stage2_distillation": evaluation["distillation"],
         # what a student that matched its teacher exactly would reach downstream (mean-pooled protocols)
-        "stage2_teacher_ceiling": ceiling,
-        "mean_pairwise_cosine": collapse,
+        "stage2_teacher_ceiling": evaluation["ceiling"],
+        "mean_pairwise_cosine": evaluation["collapse"],
         "few_shot": {k: v for k, v in few_shot.items() if k not in ("predicted", "truth")},
         # held-out reports through the pipeline (val + test); the training script evaluates them with generate()
         "report_generation": reports,
