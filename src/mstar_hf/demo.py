@@ -519,6 +519,9 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
                 "the untrained encoder's feature extraction", "mstar_hf.cli",
                 ["extract", "--slides", *map(str, slides), "--out", str(untrained_features), "--model", str(untrained_dir),
                  *EXTRACTION_FLAGS, "--num-threads", "1", "--quiet"], out / "logs" / "features_untrained.log").start())
+            if not quiet:
+                print(f"\n== 2b the untrained encoder's features: extracted in the background beside 3/8-7/8, log "
+                      f"{untrained_job.log_path} ==", flush=True)
 
         with timer.stage("3/8 Stage 1: slide aggregator + report + RNA encoders (contrastive + triplet)"):
             stage1_dir = models / "stage1"
@@ -547,7 +550,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
                 out / "logs" / "report_generator.log").start())
             if not quiet:
                 print(f"\n== 6/8 report generator (aggregator regions -> 3-layer decoder): training in the background "
-                      f"beside 3b-5/8, log {report_job.log_path} ==", flush=True)
+                      f"beside 3b-7b/8, log {report_job.log_path} ==", flush=True)
         control_runs, stage2_dir, stage2_results = _control_and_stage2(out, manifest, init_dir, stage1_dir, slides, text_model,
                                                                        settings, state, timer, common, quiet)
         labels = {k: v for k, v in info["class_prompts"].items()} if isinstance(info["class_prompts"], dict) else None
