@@ -62,6 +62,10 @@ class BackgroundJob:
         self.stop()
 
     def _reap(self):
+        if not hasattr(os, "wait4"):  # Windows: no per-child CPU time
+            self.proc.wait()
+            self.wall_s, self.cpu_s = time.time() - self._start, 0.0
+            return
         # wait4 gives this child's own CPU time (the demo's other children are its extraction workers)
         _, status, usage = os.wait4(self.proc.pid, 0)
         self.wall_s = time.time() - self._start
