@@ -325,11 +325,10 @@ def _train_stage1(manifest, output_dir, init_dir, text_model, settings: "DemoSet
 
 
 @contextmanager
-def _torch_threads(threads: int | None):
-    """torch's intra-op threads set to `threads` (None: unchanged) inside the block, restored after."""
+def _torch_threads(threads: int):
+    """torch's intra-op threads set to `threads` inside the block, restored after."""
     before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
