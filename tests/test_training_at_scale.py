@@ -242,6 +242,34 @@ def test_learning_rate_is_the_same_on_one_and_two_processes(feature_cohort, tmp_
     assert sums[0] == sums[1]
 
 
+CHECKPOINT_SCRIPT = """
+import sys, time
+import torch
+from accelerate import Accelerator
+from mstar_hf.training_utils.common import save_checkpoint
+
+accelerator = Accelerator(cpu=True)
+model, optimizer = accelerator.prepare(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters()))
+if accelerator.process_index == 1:  # a slow rank: it writes its RNG state after the main process is done
+    accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: time.sleep(3))
+save_checkpoint(accelerator, sys.argv[1], 1)
+"""
+
+
+def test_a_slow_rank_still_writes_its_state_into_the_checkpoint(tmp_path):
+    """save_state writes one RNG file per rank into the temporary folder; the main process renames it only
+    when every rank is done (else the late rank crashes on the vanished folder, as it once did in CI)."""
+    script = tmp_path / "save.py"
+    script.write_text(CHECKPOINT_SCRIPT)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                           str(tmp_path / "out")], env=_env(ACCELERATE_USE_CPU="1"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = tmp_path / "out" / "checkpoint-1"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= {p.name for p in final.iterdir()}
+    assert not list((tmp_path / "out").glob(".tmp-*")), "no half-written checkpoint is left behind"
+
+
 # -- DeepSpeed configs as shipped ----------------------------------------------------------------------
 def _launch(config, script, args):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "1",

@@ -149,6 +149,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, extra: dict | None 
         tmp.mkdir(parents=True)  # before the other ranks write their RNG states into it
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    # every rank writes its own RNG state into tmp: none may still be writing when the main process renames it
+    # (a late rank would recreate tmp and lose its state, or crash on the vanished folder)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
         if final.exists():
