@@ -50,7 +50,8 @@ class MStarReportEncoderOutput(ModelOutput):
 @dataclass
 class MStarReportGenerationOutput(ModelOutput):
     r"""
-    loss (`torch.FloatTensor` scalar, *optional*): token cross-entropy against `labels` (ignoring -100).
+    loss (`torch.FloatTensor` scalar, *optional*): token cross-entropy against `labels` (ignoring -100), the mean
+        over the batch's label tokens, or their sum over `num_items_in_batch` when that is given.
     logits (`torch.FloatTensor` of shape `[B, T, vocab_size]`): next-token scores of the decoder.
     cache (`Cache`, *optional*): the decoder's self- and cross-attention cache (used by `generate`).
     encoder_last_hidden_state (`torch.FloatTensor` of shape `[B, 1 + R, decoder_hidden_size]`): slide + region tokens.
@@ -422,8 +423,13 @@ class MStarForReportGeneration(MStarReportPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> MStarReportGenerationOutput | tuple:
+        r"""`num_items_in_batch`: the label tokens of the whole batch that one optimizer step averages over (every
+        micro-batch of a gradient-accumulation window, on every process); the loss is then this micro-batch's
+        summed cross-entropy over it, as transformers' models do, so that long and short reports weigh the same
+        however they are split into micro-batches and processes."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if encoder_outputs is None:
             if patch_features is None:
@@ -453,7 +459,11 @@ class MStarForReportGeneration(MStarReportPreTrainedModel, GenerationMixin):
         logits = decoder_outputs.logits
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100)
+            flat = (logits.float().flatten(0, 1), labels.to(logits.device).flatten())
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(*flat, ignore_index=-100)
+            else:
+                loss = F.cross_entropy(*flat, ignore_index=-100, reduction="sum") / num_items_in_batch
         output = MStarReportGenerationOutput(
             loss=loss,
             logits=logits,

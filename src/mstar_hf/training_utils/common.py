@@ -311,18 +311,30 @@ class EpochShuffleSampler:
 
 
 def resumable_batches(accelerator, train_loader, dataset, completed: int, max_train_steps: int,
-                      gradient_accumulation_steps: int = 1):
+                      gradient_accumulation_steps: int = 1, windows: bool = False):
     """Training batches from optimizer step `completed` on, epoch after epoch, until an epoch ends at or past
     `max_train_steps` (the caller counts steps and stops mid-epoch). Each epoch re-seeds the sampler and the
     dataset's draws (`set_epoch`); a resumed run skips the batches its interrupted epoch already used, so it
-    sees exactly what an uninterrupted run would."""
+    sees exactly what an uninterrupted run would. `windows`: lists of the micro-batches of one optimizer step
+    instead (`gradient_accumulation_steps` of them, fewer at an epoch's end, where accelerate also steps)."""
     steps_per_epoch = math.ceil(len(train_loader) / gradient_accumulation_steps)
     while completed < max_train_steps:
         epoch = completed // steps_per_epoch
         train_loader.set_epoch(epoch)
         dataset.set_epoch(epoch)
         skip = (completed % steps_per_epoch) * gradient_accumulation_steps
-        yield from (accelerator.skip_first_batches(train_loader, skip) if skip else train_loader)
+        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        if not windows:
+            yield from batches
+        else:
+            window = []
+            for batch in batches:
+                window.append(batch)
+                if len(window) == gradient_accumulation_steps:
+                    yield window
+                    window = []
+            if window:
+                yield window
         completed = (epoch + 1) * steps_per_epoch
 
 

@@ -124,7 +124,8 @@ class TrainingLoop:
     # -- each step ---------------------------------------------------------------------------------
     def backward_and_step(self, model, optimizer, scheduler, loss, max_grad_norm: float | None = None):
         """Backward, clipping at the end of an accumulation cycle, optimizer and scheduler step (the
-        prepared optimizer/scheduler skip while gradients accumulate). Call inside `accelerator.accumulate`."""
+        prepared optimizer/scheduler skip while gradients accumulate). Call inside `accelerator.accumulate`, or
+        with the gradient state set by hand (`report_generation.token_mean_step`)."""
         self.scheduler = scheduler
         optimizer_step(self.accelerator, model, optimizer, scheduler, loss,
                        self.args.max_grad_norm if max_grad_norm is None else max_grad_norm)

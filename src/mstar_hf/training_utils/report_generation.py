@@ -20,6 +20,7 @@ eval_predictions.jsonl, loss_curve.png, training_args.json, checkpoint-N folders
 Arguments: `python training/report_generation.py --help` (or one JSON file with all of them).
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -283,6 +284,39 @@ def generate_reports(model, tokenizer, dataset, batch_size: int, device, quiet: 
     return texts
 
 
+def token_mean_step(accelerator, model, optimizer, scheduler, loop, micro_batches: list[dict]) -> torch.Tensor:
+    """One optimizer step over `micro_batches`, those of one accumulation cycle: the loss is the mean
+    cross-entropy over every label token of the cycle on every process, as one process with the whole global
+    batch computes it (a per-micro-batch mean would weigh a short report's tokens more in a batch of short
+    reports, and a process with fewer tokens as much as one with many). Returns this process's share of the
+    step's loss, whose mean over the processes is that token mean (`TrainingLoop.end_step` takes the mean).
+
+    Like transformers' Trainer: the cycle is read before its first backward (the token count must be known),
+    so the accumulation boundary is set here rather than by `accelerator.accumulate`, which would see the
+    loader's end one micro-batch early."""
+    from accelerate.utils import DistributedType
+
+    world, cycle = accelerator.num_processes, accelerator.gradient_accumulation_steps
+    local = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
+    if world == 1 and len(micro_batches) == 1:
+        total = None  # the batch's own token mean is exactly that; the plain mean keeps the numerics
+    else:
+        total = accelerator.reduce(torch.tensor(float(local), device=accelerator.device), reduction="sum")
+    share = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v for k, v in batch.items() if k != "case_id"}
+        last = i == len(micro_batches) - 1
+        accelerator.gradient_state._set_sync_gradients(last)
+        no_sync = not last and accelerator.distributed_type != DistributedType.DEEPSPEED
+        with accelerator.no_sync(model) if no_sync else contextlib.nullcontext():
+            loss = model(**batch, num_items_in_batch=total).loss
+            # accelerate divides by the accumulation steps and DDP / DeepSpeed average over the processes:
+            # undone, the gradient is the global token sum's over `total`
+            loop.backward_and_step(model, optimizer, scheduler, loss if total is None else loss * world * cycle)
+        share = share + loss.detach() * (1 if total is None else world)
+    return share
+
+
 @torch.no_grad()
 def eval_loss(model, loader, accelerator) -> float:
     model.eval()
@@ -426,13 +460,10 @@ def run_report_generation(model_args: ReportModelArguments, data_args: ReportDat
 
     model.train()
     history = []
-    batches = resumable_batches(accelerator, train_loader, train_set, completed, max_steps,
-                                args.gradient_accumulation_steps)
-    for batch in batches:
-        batch.pop("case_id", None)
-        with accelerator.accumulate(model):
-            loss = model(**batch).loss
-            loop.backward_and_step(model, optimizer, scheduler, loss)
+    cycles = resumable_batches(accelerator, train_loader, train_set, completed, max_steps,
+                               args.gradient_accumulation_steps, windows=True)
+    for micro_batches in cycles:
+        loss = token_mean_step(accelerator, model, optimizer, scheduler, loop, micro_batches)
         if not loop.end_step(loss=loss):
             continue
         history.append(loop.last["loss"])
