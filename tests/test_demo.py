@@ -132,6 +132,30 @@ def test_quick_demo_meets_the_learning_goals(quick_demo):
     assert model > baseline, f"report generation does not beat the copy-nearest baseline: BLEU-1 {model:.3f} <= {baseline:.3f}"
 
 
+def test_stage2_bounds_agree_with_the_demo_and_pair_every_row(quick_demo):
+    """`stage2_bounds` (what of the teacher's gain a patch encoder can reach) is computed on the demo's own cases,
+    seed and few-shot draws: its initial, Stage 2 and whole-slide-teacher rows are the demo's other figures, and
+    the rows only it has (the teacher on a patch alone, the ridge student) are paired with the initial encoder."""
+    results = quick_demo["results"]
+    rows = results["stage2_bounds"]
+    assert set(rows) == {"initial_encoder", "teacher_whole_slide", "teacher_patch_alone", "ridge_on_initial_features",
+                         "stage2_encoder", "stage2_projection"}
+    n = results["stage2_downstream"]["linear_probe"]["initial"]["n"]
+    for protocol in ("linear_probe", "few_shot_k1", "few_shot_k2", "few_shot_k4"):
+        downstream = results["stage2_downstream"][protocol]
+        assert rows["initial_encoder"][protocol]["balanced_accuracy"] == downstream["initial"]["balanced_accuracy"]
+        assert rows["stage2_encoder"][protocol]["balanced_accuracy"] == downstream["stage2"]["balanced_accuracy"]
+        ceiling = results["stage2_teacher_ceiling"]["patch_tokens"][protocol]
+        assert rows["teacher_whole_slide"][protocol]["balanced_accuracy"] == ceiling["balanced_accuracy"]
+        initial = rows["initial_encoder"][protocol]["balanced_accuracy"]
+        for name, row in rows.items():
+            assert row[protocol]["n"] == n and row[protocol]["ci_low"] <= row[protocol]["balanced_accuracy"]
+            if name != "initial_encoder":
+                d = row[protocol]["difference"]
+                assert d["delta"] == pytest.approx(row[protocol]["balanced_accuracy"] - initial, abs=1e-9), (name, d)
+    assert "Stage 2 reachable, few_shot_k1" in (quick_demo["out"] / "summary.md").read_text()
+
+
 def test_killed_demo_resumes_and_reports_fresh_results(quick_demo):
     """The kill after Stage 1: the second run reused cohort, features and Stage 1, redid the rest."""
     killed, results = quick_demo["killed_state"], quick_demo["results"]

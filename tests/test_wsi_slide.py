@@ -95,13 +95,16 @@ def test_override_wins_over_metadata_and_default_does_not(cmu):
         assert wsi.mpp == pytest.approx(0.499) and wsi.mpp_source == "openslide.mpp-x"
 
 
-@pytest.mark.parametrize("kind", ["text", "missing", "directory", "png", "truncated"])
+@pytest.mark.parametrize("kind", ["text", "missing", "directory", "png", "truncated", "empty"])
 def test_bad_files_raise_slide_error_naming_the_file(tmp_path, cmu, kind):
     if kind == "text":
         path = tmp_path / "notes.svs"
         path.write_text("this is not a slide\n")
     elif kind == "missing":
         path = tmp_path / "missing.svs"
+    elif kind == "empty":  # an interrupted download
+        path = tmp_path / "empty.svs"
+        path.touch()
     elif kind == "directory":
         path = tmp_path / "folder.svs"
         path.mkdir()
@@ -120,6 +123,8 @@ def test_bad_files_raise_slide_error_naming_the_file(tmp_path, cmu, kind):
     assert str(path) in str(err.value)
     if kind == "truncated":
         assert "truncated" in str(err.value)
+    if kind == "empty":
+        assert "empty file (0 bytes)" in str(err.value)
 
 
 def test_corrupt_tiles_fail_at_read_time_naming_the_file(tmp_path):

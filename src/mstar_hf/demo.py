@@ -407,7 +407,8 @@ def _held_out_zero_shot(out, stage1_dir, stage2_dir, control_runs, train_cases, 
 
 def _held_out_baselines(out, stage1_dir, stage2_dir, untrained_features, train_cases, test_cases, seed) -> dict:
     """`demo_eval`'s difficulty baselines, the initial vs Stage 2 encoder downstream, Stage 2's distillation
-    metrics, the teacher's ceiling and the collapse check, on the held-out cases."""
+    metrics, the teacher's ceiling, what of it a patch encoder can reach, and the collapse check, on the held-out
+    cases."""
     from . import demo_eval
 
     untrained_bags = (demo_eval.load_bags(train_cases, untrained_features), demo_eval.load_bags(test_cases, untrained_features))
@@ -421,6 +422,8 @@ def _held_out_baselines(out, stage1_dir, stage2_dir, untrained_features, train_c
                                                    seed=seed),
         "distillation": demo_eval.distillation_report(stage1_dir, stage2_dir / "mstar_model", init_bags, stage2_bags),
         "ceiling": demo_eval.teacher_ceiling(stage1_dir, train_cases, test_cases, init_bags, seed=seed),
+        "bounds": demo_eval.stage2_bounds(stage1_dir, stage2_dir / "mstar_model", train_cases, test_cases, init_bags,
+                                          stage2_bags, seed=seed),
         "collapse": demo_eval.collapse_report(stage1_dir, *init_bags),
     }
 
@@ -611,6 +614,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
         "stage2_distillation": evaluation["distillation"],
         # what a student that matched its teacher exactly would reach downstream (mean-pooled protocols)
         "stage2_teacher_ceiling": evaluation["ceiling"],
+        # the part of that ceiling a patch encoder can reach: the teacher on one patch alone, a linear student
+        "stage2_bounds": evaluation["bounds"],
         "mean_pairwise_cosine": evaluation["collapse"],
         "few_shot": {k: v for k, v in few_shot.items() if k not in ("predicted", "truth")},
         # held-out reports through the pipeline (val + test); the training script evaluates them with generate()
@@ -673,6 +678,10 @@ def summary_table(results: dict) -> str:
     def ci(r):
         return f"{r['balanced_accuracy']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
 
+    def paired(r):
+        d = r["difference"]
+        return f"{d['delta']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+
     enc = results.get("initial_encoder")
     if isinstance(enc, dict):
         rows.append(("initial patch encoder (stand-in for UNI): tissue-pattern pretraining",
@@ -724,6 +733,13 @@ def summary_table(results: dict) -> str:
             rows.append((f"Stage 2 ceiling, {protocol}: the teacher's own patch tokens (mean-pooled)", ci(ceiling[protocol]),
                          f"vs initial encoder {d['delta']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]: "
                          "what a student matching its teacher exactly reaches"))
+    bounds = results.get("stage2_bounds") or {}
+    for protocol in ("linear_probe", "few_shot_k1"):
+        if "teacher_patch_alone" in bounds:
+            alone, linear = bounds["teacher_patch_alone"][protocol], bounds["ridge_on_initial_features"][protocol]
+            rows.append((f"Stage 2 reachable, {protocol}: the teacher on each patch alone (no slide context)", ci(alone),
+                         f"vs initial encoder {paired(alone)}; linear student (ridge) {ci(linear)}, {paired(linear)}: "
+                         "the ceiling's gain above this is slide context no patch encoder sees"))
     dist = results.get("stage2_distillation")
     if dist:
         st, mt, rg = dist["stage2_student"], dist["mean_target"], dist["ridge_on_initial_features"]

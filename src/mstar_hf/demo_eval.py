@@ -16,6 +16,8 @@
   aggregator's patch tokens of held-out slides (the teacher) against the Stage 2 student's projected
   features, as centred cosine, R^2 and patch retrieval@1, beside predicting the mean training target and
   beside the best linear map of the *initial* encoder's features (ridge, fitted on training patches).
+* `stage2_bounds`: what part of the teacher's gain a patch encoder can reach at all: the teacher with and
+  without slide context, the linear (ridge) student, and Stage 2's encoder and projection, all downstream.
 
 The metric code is in `evaluation.encoder_probes`; this module only gathers features and models.
 """
@@ -140,7 +142,7 @@ def teacher_ceiling(stage1_dir, train_cases, test_cases, init_bags: tuple[list, 
         tokens, slides = [], []
         for b in bags:
             out = aggregator(torch.as_tensor(b, dtype=torch.float32)[None])
-            tokens.append(out.patch_embeds[0].mean(dim=0).double().numpy())
+            tokens.append(out.patch_embeds[0].double().numpy().mean(axis=0))  # as `_mean_pooled` does
             slides.append(out.slide_embeds[0].double().numpy())
         return np.stack(tokens), np.stack(slides)
 
@@ -166,6 +168,18 @@ def _teacher_and_inputs(aggregator, bags):
     return targets
 
 
+def ridge_to_teacher(x_tr, t_tr, ridge: float = 1.0):
+    """The best linear map of patch features `x_tr` [n, D] onto their teacher targets `t_tr` [n, H]: closed-form
+    ridge on training patches, fitted to the unit-normalised targets (the space the metrics and the cosine loss
+    live in). Returns the map, features [m, D] -> predictions [m, H] (float64)."""
+    x_tr = np.asarray(x_tr, np.float64)
+    x_mu, mu = x_tr.mean(axis=0), probes.unit_mean(t_tr)
+    a = (x_tr - x_mu).T @ (x_tr - x_mu) + ridge * np.eye(x_tr.shape[1])
+    u_tr = t_tr / np.linalg.norm(t_tr, axis=1, keepdims=True).clip(min=1e-12)
+    w = np.linalg.solve(a, (x_tr - x_mu).T @ (u_tr - mu))
+    return lambda x: (np.asarray(x, np.float64) - x_mu) @ w + mu
+
+
 @torch.no_grad()
 def distillation_report(stage1_dir, stage2_model_dir, init_bags: tuple[list, list], stage2_bags: tuple[list, list],
                         ridge: float = 1.0) -> dict:
@@ -182,14 +196,8 @@ def distillation_report(stage1_dir, stage2_model_dir, init_bags: tuple[list, lis
                                               space="aggregator").pooler_output.double().numpy()
     pred_before = teacher.get_patch_features(patch_features=torch.as_tensor(np.concatenate(init_bags[1]),
                                              dtype=torch.float32), space="aggregator").pooler_output.double().numpy()
-    # the best linear student on the frozen initial features (closed-form ridge on training patches)
-    x_tr, x_te = np.concatenate(init_bags[0]).astype(np.float64), np.concatenate(init_bags[1]).astype(np.float64)
-    x_mu = x_tr.mean(axis=0)
-    a = (x_tr - x_mu).T @ (x_tr - x_mu) + ridge * np.eye(x_tr.shape[1])
-    # fitted to the unit-normalised targets, the space the metrics (and the cosine loss) live in
-    u_tr = t_tr / np.linalg.norm(t_tr, axis=1, keepdims=True).clip(min=1e-12)
-    w = np.linalg.solve(a, (x_tr - x_mu).T @ (u_tr - mu))
-    pred_ridge = (x_te - x_mu) @ w + mu
+    # the best linear student on the frozen initial features
+    pred_ridge = ridge_to_teacher(np.concatenate(init_bags[0]), t_tr, ridge)(np.concatenate(init_bags[1]))
     return {
         "teacher": "frozen Stage 1 aggregator's patch tokens on the initial encoder's features",
         "stage2_student": probes.distillation_metrics(pred_student, t_te, mu),
@@ -199,6 +207,51 @@ def distillation_report(stage1_dir, stage2_model_dir, init_bags: tuple[list, lis
     }
 
 
+@torch.no_grad()
+def stage2_bounds(stage1_dir, stage2_model_dir, train_cases, test_cases, init_bags: tuple[list, list],
+                  stage2_bags: tuple[list, list], seed: int = 0, ridge: float = 1.0) -> dict:
+    """How much of the teacher's downstream gain a patch encoder can reach: the mean-pooled protocols
+    (linear probe, few-shot k in FEW_SHOT_K) on, each with the paired difference to the initial features,
+
+    - `teacher_whole_slide`: the teacher's patch tokens with the whole slide as context (Stage 2's target,
+      = `teacher_ceiling`'s `patch_tokens`);
+    - `teacher_patch_alone`: the same aggregator on each patch as a bag of one: what the teacher knows
+      that a single patch carries, which is all a patch encoder sees;
+    - `ridge_on_initial_features`: the best linear map of the initial features onto the teacher's targets
+      (`ridge_to_teacher`, fitted on training patches): a context-free linear student;
+    - `stage2_encoder`, `stage2_projection`: the Stage 2 encoder's features, and their projection into the
+      aggregator's space (what Stage 2's loss compares with the teacher).
+
+    The gap between the first two is slide context no single patch holds; Stage 2 cannot distil it.
+    `*_bags = (train, test)` per case [n, D]."""
+    from .modeling import MStarModel
+
+    y_tr = np.asarray([c["cancer_type"] for c in train_cases])
+    y_te = np.asarray([c["cancer_type"] for c in test_cases])
+    teacher = MStarModel.from_pretrained(str(stage1_dir), dtype=torch.float32).eval()
+    student = MStarModel.from_pretrained(str(stage2_model_dir), dtype=torch.float32).eval()
+    whole = tuple(_teacher_and_inputs(teacher.aggregator, bags) for bags in init_bags)
+    # each patch its own slide: a batch of n bags of one
+    alone = tuple([teacher.aggregator(torch.as_tensor(b, dtype=torch.float32)[:, None]).patch_embeds[:, 0]
+                   .double().numpy() for b in bags] for bags in init_bags)
+    ridge_map = ridge_to_teacher(np.concatenate(init_bags[0]), np.concatenate(whole[0]), ridge)
+    linear = tuple([ridge_map(b) for b in bags] for bags in init_bags)
+    projected = tuple([student.get_patch_features(patch_features=torch.as_tensor(b, dtype=torch.float32),
+                                                  space="aggregator").pooler_output.double().numpy() for b in bags]
+                      for bags in stage2_bags)
+    rows = {"initial_encoder": init_bags, "teacher_whole_slide": whole, "teacher_patch_alone": alone,
+            "ridge_on_initial_features": linear, "stage2_encoder": stage2_bags, "stage2_projection": projected}
+    correct = {name: _slide_vector_protocols(_mean_pooled(tr), y_tr, _mean_pooled(te), y_te, seed)
+               for name, (tr, te) in rows.items()}
+    out = {}
+    for name, protocols in correct.items():
+        out[name] = {}
+        for protocol, c in protocols.items():
+            out[name][protocol] = _row(y_te, c, seed)
+            if name != "initial_encoder":
+                d = probes.compare_encoders(y_te, correct["initial_encoder"][protocol], c, seed=seed)
+                out[name][protocol]["difference"] = {k: d[k] for k in ("delta", "ci_low", "ci_high", "p_value")}
+    return out
 
 
 @torch.no_grad()

@@ -90,6 +90,8 @@ class WSI:
             raise SlideError(self.path, "is a directory, not a slide file")
         if not os.access(self.path, os.R_OK):
             raise SlideError(self.path, "file is not readable (permission denied)")
+        if self.path.stat().st_size == 0:  # e.g. an interrupted download: say so, not "not a slide"
+            raise SlideError(self.path, "empty file (0 bytes): an interrupted download or copy?")
         self._osr = _open_openslide(self.path)
         self.mpp, self.mpp_source = self._resolve_mpp(mpp_override, default_mpp)
         self.level_count: int = self._osr.level_count
