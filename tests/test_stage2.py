@@ -503,3 +503,7 @@ def test_centred_targets_regress_what_differs_between_patches():
     pred = shared + torch.randn(64, 3)
     assert float(distillation_loss(pred, targets, "cosine")) < 0.1
     assert float(distillation_loss(pred - targets.mean(0), targets - targets.mean(0), "cosine")) > 0.5
+    # smooth-L1 regresses the difference, which centring leaves as it is: the flag only changes a cosine
+    m = targets.mean(0)
+    assert float(distillation_loss(pred - m, targets - m, "smooth_l1")) == pytest.approx(
+        float(distillation_loss(pred, targets, "smooth_l1")), rel=1e-5)

@@ -104,7 +104,8 @@ class Stage2Arguments:
     loss: str = field(default="cosine", metadata={"help": f"Student-teacher regression loss: {' | '.join(LOSSES)}."})
     center_targets: bool = field(default=False, metadata={
         "help": "Regress centred vectors: prediction and target minus a running mean of the targets (the "
-                "aggregator's patch tokens share one direction that a plain cosine rewards a bias for)."})
+                "aggregator's patch tokens share one direction that a plain cosine rewards a bias for). Changes "
+                "only --loss cosine: smooth-L1 regresses the difference, which centring leaves as it is."})
     ema_consistency_weight: float = field(default=0.6, metadata={"help": "Weight of the EMA consistency term."})
     ema_momentum: float = field(default=0.996, metadata={"help": "EMA momentum (per optimizer step)."})
     no_grad_precision: str = field(default="auto", metadata={
@@ -267,6 +268,9 @@ def _run(argv=None) -> int:
     image_processor = load_image_processor(s2.image_processor or s2.stage1_model)
     width = stage1.aggregator.config.input_dim
     student = Stage2Student(stage1.patch_model, stage1.patch_projection, center_targets=s2.center_targets)
+    if s2.center_targets and s2.loss == "smooth_l1":
+        logger.warning("--center_targets true does not change --loss smooth_l1 (it regresses the difference, "
+                       "which centring leaves as it is); it only changes a cosine")
     aggregator = stage1.aggregator
     del stage1  # the text and RNA encoders are not needed
 
