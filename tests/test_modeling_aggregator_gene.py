@@ -155,3 +155,36 @@ def test_inference_path_equals_the_autograd_path(n):
         got = model(x)
     torch.testing.assert_close(got.slide_embeds, expected.slide_embeds.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.patch_embeds, expected.patch_embeds.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_states_are_each_stage_in_the_layout_of_patch_embeds():
+    """`output_hidden_states`: four stages of patch rows; the last one, normed, is `patch_embeds`; batched
+    slides of unequal length get each their own rows (zeros where padded); the in-place inference layers
+    do not overwrite a stage already returned."""
+    torch.manual_seed(0)
+    config = aggregator_config("tiny", input_dim=64)
+    config.chunk_size = 16
+    model = MStarSlideAggregator(config).eval()
+    lengths = [50, 21, 50]
+    feats = torch.randn(3, 50, 64)
+    mask = torch.arange(50)[None] < torch.tensor(lengths)[:, None]
+    with torch.enable_grad():
+        reference = model(feats, mask, output_hidden_states=True)
+    with torch.inference_mode():
+        out = model(feats, mask, output_hidden_states=True)
+        plain = model(feats, mask)
+    assert plain.hidden_states is None and len(out.hidden_states) == 4
+    for got, want in zip(out.hidden_states, reference.hidden_states):
+        assert got.shape == (3, 50, 32)
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.patch_embeds, plain.patch_embeds)
+    with torch.no_grad():
+        torch.testing.assert_close(model.final_norm(out.hidden_states[-1])[mask], out.patch_embeds[mask])
+        torch.testing.assert_close(out.hidden_states[0][mask], model.input_proj(feats)[mask])
+        alone = model(feats[1:2, :21], output_hidden_states=True)
+    for got, want in zip(out.hidden_states, alone.hidden_states):
+        torch.testing.assert_close(got[1, :21], want[0], rtol=1e-4, atol=1e-4)
+        assert torch.all(got[1, 21:] == 0)
+    # the stages differ: each one is a different function of the slide
+    assert all(not torch.allclose(a, b) for a, b in zip(out.hidden_states, out.hidden_states[1:]))
+    assert len(model(feats, return_dict=False)) == 3 and len(model(feats, return_dict=False, output_hidden_states=True)) == 4

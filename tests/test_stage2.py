@@ -507,3 +507,39 @@ def test_centred_targets_regress_what_differs_between_patches():
     m = targets.mean(0)
     assert float(distillation_loss(pred - m, targets - m, "smooth_l1")) == pytest.approx(
         float(distillation_loss(pred, targets, "smooth_l1")), rel=1e-5)
+
+
+def test_teacher_target_picks_the_aggregators_tokens(env, tmp_path):
+    """`teacher_target`: the memory teacher returns the chosen stage of the whole-slide re-embedding; an unknown
+    name is refused with the choices."""
+    from mstar_hf.training_utils.stage2_step import TEACHER_TARGETS, MemoryTeacher
+
+    bank = _bank(env, tmp_path / "bank")
+    aggregator = env.model.aggregator
+    slide, row = torch.tensor([0, 0, 2]), torch.tensor([0, 5, 3])
+    with torch.no_grad():
+        stages = {s: aggregator(torch.from_numpy(bank.read(s))[None], output_hidden_states=True) for s in (0, 2)}
+    got = {}
+    for name, index in TEACHER_TARGETS.items():
+        got[name] = MemoryTeacher(aggregator, bank, target=name).targets(slide, row, 0, "cpu")
+        for i, (s, r) in enumerate(zip(slide.tolist(), row.tolist())):
+            out = stages[s]
+            want = out.patch_embeds[0, r] if index is None else out.hidden_states[index][0, r]
+            torch.testing.assert_close(got[name][i], want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got["final"], got["pre_norm"]) and not torch.allclose(got["pre_norm"], got["first_layer"])
+    with pytest.raises(ValueError, match="unknown teacher target 'last'.*final, pre_norm, first_layer"):
+        MemoryTeacher(aggregator, bank, target="last")
+
+
+def test_teacher_target_is_trained_on_and_recorded(env, run_manifest, tmp_path):
+    """`--teacher_target pre_norm` runs end to end: the ridge start is fitted to, and evaluated on, the same target
+    (so it begins close to it), and the results and training args record it; a bad value stops the parser."""
+    from mstar_hf.training_utils import stage2
+
+    out = tmp_path / "pre_norm"
+    assert stage2.main(_args(env, out, 2, ["--init_projection", "ridge", "--teacher_target", "pre_norm"])) == 0
+    results = json.loads((out / "stage2_results.json").read_text())
+    assert results["teacher_target"] == "pre_norm" and results["heldout_cosine_before"] > 0.5, results
+    assert json.loads((out / "patch_encoder" / "training_args.json").read_text())["teacher_target"] == "pre_norm"
+    with pytest.raises(SystemExit):
+        stage2.parse_args(_args(env, tmp_path / "bad", 2, ["--teacher_target", "last"]))

@@ -212,6 +212,14 @@ def _balanced_accuracy(truth, predicted) -> float:
     return float(balanced_accuracy_score(truth, predicted))
 
 
+def class_labels(info: dict):
+    """The zero-shot labels of a demo cohort (`cohort.json`): its class prompts."""
+    from . import data as cohort_data
+
+    labels = {k: v for k, v in info["class_prompts"].items()} if isinstance(info["class_prompts"], dict) else None
+    return labels or cohort_data.class_prompts(info["cancer_types"])
+
+
 def _zero_shot(model_dir, cases, labels, mode, patch_source, heatmap_dir=None, support=None, loaded=None):
     """Held-out zero-/few-shot predictions through `pipeline("wsi-zero-shot")`. `loaded` ({model_dir:
     pipeline}) keeps one pipeline per model across calls, so its class prompts are embedded once."""
@@ -558,8 +566,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, slide: s
                       f"beside 3b-7b/8, log {report_job.log_path} ==", flush=True)
         control_runs, stage2_dir, stage2_results = _control_and_stage2(out, manifest, init_dir, stage1_dir, slides, text_model,
                                                                        settings, state, timer, common, quiet)
-        labels = {k: v for k, v in info["class_prompts"].items()} if isinstance(info["class_prompts"], dict) else None
-        labels = labels or cohort_data.class_prompts(info["cancer_types"])
+        labels = class_labels(info)
         # every case no training step saw (val and test): more held-out cases than the test split alone
         test_cases = [c for c in cohort if c["split"] in ("val", "test")]
         train_cases = [c for c in cohort if c["split"] == "train"]

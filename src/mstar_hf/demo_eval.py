@@ -160,12 +160,11 @@ def teacher_ceiling(stage1_dir, train_cases, test_cases, init_bags: tuple[list, 
 
 
 @torch.no_grad()
-def _teacher_and_inputs(aggregator, bags):
-    targets = []
-    for b in bags:
-        x = torch.as_tensor(b, dtype=torch.float32)[None]
-        targets.append(aggregator(x).patch_embeds[0].double().numpy())
-    return targets
+def _teacher_and_inputs(aggregator, bags, target: str = "final"):
+    from .training_utils.stage2_step import teacher_tokens
+
+    return [teacher_tokens(aggregator, torch.as_tensor(b, dtype=torch.float32)[None], target=target)[0].double().numpy()
+            for b in bags]
 
 
 def ridge_to_teacher(x_tr, t_tr, ridge: float = 1.0):
@@ -182,14 +181,15 @@ def ridge_to_teacher(x_tr, t_tr, ridge: float = 1.0):
 
 @torch.no_grad()
 def distillation_report(stage1_dir, stage2_model_dir, init_bags: tuple[list, list], stage2_bags: tuple[list, list],
-                        ridge: float = 1.0) -> dict:
-    """Stage 2's target on held-out patches; see the module docstring. `*_bags = (train, test)`."""
+                        ridge: float = 1.0, teacher_target: str = "final") -> dict:
+    """Stage 2's target (`teacher_target`, as Stage 2 trained on) on held-out patches; see the module
+    docstring. `*_bags = (train, test)`."""
     from .modeling import MStarModel
 
     teacher = MStarModel.from_pretrained(str(stage1_dir), dtype=torch.float32).eval()
     student = MStarModel.from_pretrained(str(stage2_model_dir), dtype=torch.float32).eval()
-    t_tr = np.concatenate(_teacher_and_inputs(teacher.aggregator, init_bags[0]))
-    t_te = np.concatenate(_teacher_and_inputs(teacher.aggregator, init_bags[1]))
+    t_tr = np.concatenate(_teacher_and_inputs(teacher.aggregator, init_bags[0], teacher_target))
+    t_te = np.concatenate(_teacher_and_inputs(teacher.aggregator, init_bags[1], teacher_target))
     mu = probes.unit_mean(t_tr)
     s_te = np.concatenate(stage2_bags[1])
     pred_student = student.get_patch_features(patch_features=torch.as_tensor(s_te, dtype=torch.float32),
@@ -199,7 +199,7 @@ def distillation_report(stage1_dir, stage2_model_dir, init_bags: tuple[list, lis
     # the best linear student on the frozen initial features
     pred_ridge = ridge_to_teacher(np.concatenate(init_bags[0]), t_tr, ridge)(np.concatenate(init_bags[1]))
     return {
-        "teacher": "frozen Stage 1 aggregator's patch tokens on the initial encoder's features",
+        "teacher": f"frozen Stage 1 aggregator's patch tokens ({teacher_target}) on the initial encoder's features",
         "stage2_student": probes.distillation_metrics(pred_student, t_te, mu),
         "before_stage2": probes.distillation_metrics(pred_before, t_te, mu),
         "mean_target": probes.distillation_metrics(np.tile(mu, (len(t_te), 1)), t_te, mu),

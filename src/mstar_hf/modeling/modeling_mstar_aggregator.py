@@ -31,11 +31,16 @@ class MStarSlideAggregatorOutput(ModelOutput):
         removed). Rows where `attention_mask` is False are zero.
     attention_mask (`torch.BoolTensor` of shape `[B, N]`):
         Which rows of `patch_embeds` are real patches.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
+        The patch tokens after each stage, each `[B, N, hidden_size]` in the layout of `patch_embeds`: the
+        input projection, the first TransLayer, the PPEG, the second TransLayer (the last one is
+        `patch_embeds` before the final LayerNorm).
     """
 
     slide_embeds: torch.FloatTensor | None = None
     patch_embeds: torch.FloatTensor | None = None
     attention_mask: torch.BoolTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 def iterative_pinv(x: torch.Tensor, iters: int) -> torch.Tensor:
@@ -275,10 +280,11 @@ class MStarSlideAggregator(MStarSlideAggregatorPreTrainedModel):
         attention_mask (`torch.BoolTensor` of shape `[B, N]`, *optional*): True for real patches. Slides
             of different lengths are each computed on their own real patches, so a slide's result does
             not depend on the batch it is in.
+        output_hidden_states (`bool`, *optional*): also return the patch tokens after each stage.
 
     Returns:
-        [`MStarSlideAggregatorOutput`] with `slide_embeds` `[B, hidden_size]` and `patch_embeds`
-        `[B, N, hidden_size]`.
+        [`MStarSlideAggregatorOutput`] with `slide_embeds` `[B, hidden_size]`, `patch_embeds`
+        `[B, N, hidden_size]` and, if asked, `hidden_states` (4 x `[B, N, hidden_size]`).
     """
 
     def __init__(self, config: MStarSlideAggregatorConfig):
@@ -292,49 +298,68 @@ class MStarSlideAggregator(MStarSlideAggregatorPreTrainedModel):
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
-    def _encode(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """features [B, n, input_dim] of equal-length slides -> ([B, hidden], [B, n, hidden])."""
+    def _encode(self, features: torch.Tensor, output_hidden_states: bool = False):
+        """features [B, n, input_dim] of equal-length slides -> ([B, hidden], [B, n, hidden], stages), where
+        `stages` holds the patch rows [B, n, hidden] after each stage if asked, else is empty."""
         hidden = self.input_proj(features)
         n = hidden.shape[1]
         side = math.isqrt(n)
         side += side * side < n
         cls_token = self.cls_token.expand(hidden.shape[0], -1, -1).to(hidden.dtype)
         hidden = torch.cat([cls_token, hidden, hidden[:, : side * side - n]], dim=1)
+        stages = []
+        # copies: at inference the TransLayers add into their input in place
+        keep = (lambda h: stages.append(h[:, 1 : n + 1].clone())) if output_hidden_states else (lambda h: None)
+        keep(hidden)
         hidden = self.layers[0](hidden)
+        keep(hidden)
         hidden = self.ppeg(hidden, side)
+        keep(hidden)
         hidden = self.layers[1](hidden)
+        keep(hidden)
         hidden = self.final_norm(hidden)
-        return hidden[:, 0], hidden[:, 1 : n + 1]
+        return hidden[:, 0], hidden[:, 1 : n + 1], tuple(stages)
 
     def forward(
         self,
         patch_features: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MStarSlideAggregatorOutput | tuple:
         check_patch_features(patch_features, attention_mask, self.config.input_dim, type(self).__name__)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
+                                    else self.config.output_hidden_states)
         batch, num, _ = patch_features.shape
         if attention_mask is None or bool(attention_mask.all()):
-            slide_embeds, patch_embeds = self._encode(patch_features)
+            slide_embeds, patch_embeds, stages = self._encode(patch_features, output_hidden_states)
             mask = torch.ones(batch, num, dtype=torch.bool, device=patch_features.device)
         else:
             mask = attention_mask.bool()
             lengths = mask.sum(dim=1)
             slide_embeds = patch_features.new_zeros(batch, self.config.hidden_size)
             patch_embeds = patch_features.new_zeros(batch, num, self.config.hidden_size)
+            stages = [patch_embeds.clone() for _ in range(4)] if output_hidden_states else []
             # slides with the same number of real patches run together; each group is unpadded
             for length in lengths.unique().tolist():
                 rows = (lengths == length).nonzero().flatten()
                 bags = patch_features[rows][mask[rows]].view(len(rows), length, -1)
-                group_slide, group_patches = self._encode(bags)
+                group_slide, group_patches, group_stages = self._encode(bags, output_hidden_states)
                 slide_embeds = slide_embeds.index_copy(0, rows, group_slide.to(slide_embeds.dtype))
-                scattered = patch_embeds[rows].masked_scatter(mask[rows, :, None], group_patches.to(patch_embeds.dtype))
-                patch_embeds = patch_embeds.index_copy(0, rows, scattered)
+
+                def scatter(full, group):
+                    scattered = full[rows].masked_scatter(mask[rows, :, None], group.to(full.dtype))
+                    return full.index_copy(0, rows, scattered)
+
+                patch_embeds = scatter(patch_embeds, group_patches)
+                stages = [scatter(full, group) for full, group in zip(stages, group_stages)]
+        hidden_states = tuple(stages) if output_hidden_states else None
         if not return_dict:
-            return slide_embeds, patch_embeds, mask
-        return MStarSlideAggregatorOutput(slide_embeds=slide_embeds, patch_embeds=patch_embeds, attention_mask=mask)
+            return tuple(v for v in (slide_embeds, patch_embeds, mask, hidden_states) if v is not None)
+        return MStarSlideAggregatorOutput(slide_embeds=slide_embeds, patch_embeds=patch_embeds, attention_mask=mask,
+                                          hidden_states=hidden_states)
 
 
 __all__ = [

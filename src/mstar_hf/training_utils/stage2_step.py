@@ -6,7 +6,7 @@ One step on a batch of tiles of a few slides:
 1. the EMA encoder embeds the tiles (no grad) -> those features overwrite the tiles' memory rows;
 2. the frozen Stage 1 aggregator re-embeds each sampled slide from its memory (all rows, or at most
    `context_size` rows that always include the sampled ones, in the slide's order) -> the targets are
-   its `patch_embeds` at the sampled rows (no grad);
+   its patch tokens at the sampled rows (no grad; `teacher_target` picks which: `TEACHER_TARGETS`);
 3. the student (patch encoder + `patch_projection`) embeds the tiles; the loss is the distance of its
    projected feature to the target (`cosine` or `smooth_l1`; optionally both centred on the running mean
    target, see `Stage2Student`) plus `consistency_weight` x (1 - cosine of
@@ -26,6 +26,13 @@ from torch import nn
 from .memory_bank import PatchMemoryBank
 
 LOSSES = ("cosine", "smooth_l1")
+# Which of the aggregator's patch tokens the student regresses onto, as an index into its `hidden_states`
+# (None: `patch_embeds`). method.md leaves the target open; "final" is the paper's re-embedded feature.
+TEACHER_TARGETS = {
+    "final": None,  # the patch tokens after the final LayerNorm (`patch_embeds`)
+    "pre_norm": -1,  # the second TransLayer's output, before the final LayerNorm
+    "first_layer": 1,  # the first TransLayer's output: slide context from one attention layer only
+}
 EVAL_STEP = 2**31 - 1  # seeds the evaluation's context draws (training steps never reach it)
 
 
@@ -101,10 +108,25 @@ def context_rows(count: int, sampled: np.ndarray, context_size: int, rng: np.ran
     return np.sort(np.concatenate([sampled, others]))
 
 
+def check_teacher_target(target: str) -> str:
+    if target not in TEACHER_TARGETS:
+        raise ValueError(f"unknown teacher target {target!r}: choose one of {', '.join(TEACHER_TARGETS)}.")
+    return target
+
+
+def teacher_tokens(aggregator: nn.Module, features: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   target: str = "final") -> torch.Tensor:
+    """The aggregator's patch tokens [B, N, H] that Stage 2 regresses onto (`TEACHER_TARGETS`)."""
+    index = TEACHER_TARGETS[check_teacher_target(target)]
+    if index is None:
+        return aggregator(features, attention_mask=attention_mask).patch_embeds
+    return aggregator(features, attention_mask=attention_mask, output_hidden_states=True).hidden_states[index]
+
+
 @torch.no_grad()
 def fit_projection_to_teacher(projection: nn.Linear, aggregator: nn.Module, memory: PatchMemoryBank, slides,
                               context_size: int = 4096, ridge: float = 1e-3, max_slides: int = 256,
-                              seed: int = 0, device=None) -> dict:
+                              seed: int = 0, device=None, target: str = "final") -> dict:
     """Starts the student's projection where a linear map of the memory's features best predicts the teacher.
 
     The memory's rows are the initial encoder's features (the student's start), so the ridge solution
@@ -123,7 +145,7 @@ def fit_projection_to_teacher(projection: nn.Linear, aggregator: nn.Module, memo
         rows = context_rows(memory.slides[s].count, np.zeros(0, dtype=np.int64), context_size,
                             np.random.default_rng([int(seed), int(s), 13]))
         x = torch.from_numpy(memory.read(s, rows)).to(device)
-        y = aggregator(x[None]).patch_embeds[0].double().cpu()
+        y = teacher_tokens(aggregator, x[None], target=target)[0].double().cpu()
         x = x.double().cpu()
         xtx += x.T @ x
         xty += x.T @ y
@@ -195,9 +217,11 @@ def resolve_no_grad_precision(requested: str, mixed_precision: str, device) -> s
 
 
 class MemoryTeacher:
-    """The frozen Stage 1 aggregator reading slides from the memory bank."""
+    """The frozen Stage 1 aggregator reading slides from the memory bank; `target` picks its tokens
+    (`TEACHER_TARGETS`)."""
 
-    def __init__(self, aggregator: nn.Module, memory: PatchMemoryBank, context_size: int = 4096, seed: int = 0):
+    def __init__(self, aggregator: nn.Module, memory: PatchMemoryBank, context_size: int = 4096, seed: int = 0,
+                 target: str = "final"):
         if aggregator.config.input_dim != memory.dim:
             raise ValueError(f"the memory bank {memory.folder} holds {memory.dim}-d features but the aggregator takes "
                              f"{aggregator.config.input_dim}-d ones.")
@@ -205,6 +229,7 @@ class MemoryTeacher:
         self.memory = memory
         self.context_size = int(context_size)
         self.seed = int(seed)
+        self.target = check_teacher_target(target)
 
     def targets(self, slide: torch.Tensor, row: torch.Tensor, step: int, device, autocast=None) -> torch.Tensor:
         """Re-embedded features [n, H] (float32) of the patches (slide[i], row[i]) from the slides' current
@@ -232,7 +257,7 @@ class MemoryTeacher:
         feats_t = torch.from_numpy(feats).to(device, non_blocking=True)
         mask_t = torch.from_numpy(mask).to(device, non_blocking=True)
         with autocast if autocast is not None else contextlib.nullcontext():
-            patch_embeds = self.aggregator(feats_t, attention_mask=None if mask.all() else mask_t).patch_embeds
+            patch_embeds = teacher_tokens(self.aggregator, feats_t, None if mask.all() else mask_t, self.target)
         batch_index = torch.as_tensor([uniq.index(s) for s in slide_np.tolist()], device=device)
         return patch_embeds[batch_index, torch.as_tensor(where, device=device)].float()
 
