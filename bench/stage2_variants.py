@@ -95,14 +95,15 @@ def table(rows: list[dict]) -> str:
         return (f"{d['initial']['balanced_accuracy']:.2f}->{d['stage2']['balanced_accuracy']:.2f} "
                 f"({d['difference']['delta']:+.2f} [{d['difference']['ci_low']:+.2f}, {d['difference']['ci_high']:+.2f}])")
 
-    head = ("variant", "steps", "linear probe", "few-shot k=1", "ABMIL", "zero-shot (encoder route)", "centred cos", "R^2",
-            "retrieval@1 (mean target)")
+    head = ("variant", "steps", "linear probe", "few-shot k=1", "ABMIL", "zero-shot (encoder route)", "centred cos",
+            "R^2", "retrieval@1 (mean target)")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         st, mt = r["target"]["stage2_student"], r["target"]["mean_target"]
         lines.append("| " + " | ".join([
             r["variant"], str(r["steps"]), diff(r, "linear_probe"), diff(r, "few_shot_k1"), diff(r, "abmil"),
-            f"{r['zero_shot_encoder']:.2f}", f"{st['centred_cosine']:.3f}", f"{st['r2']:.3f}", f"{st['retrieval@1']:.3f} ({mt['retrieval@1']:.3f})"]) + " |")
+            f"{r['zero_shot_encoder']:.2f}", f"{st['centred_cosine']:.3f}", f"{st['r2']:.3f}",
+            f"{st['retrieval@1']:.3f} ({mt['retrieval@1']:.3f})"]) + " |")
     return "\n".join(lines)
 
 

@@ -187,4 +187,5 @@ def test_hidden_states_are_each_stage_in_the_layout_of_patch_embeds():
         assert torch.all(got[1, 21:] == 0)
     # the stages differ: each one is a different function of the slide
     assert all(not torch.allclose(a, b) for a, b in zip(out.hidden_states, out.hidden_states[1:]))
-    assert len(model(feats, return_dict=False)) == 3 and len(model(feats, return_dict=False, output_hidden_states=True)) == 4
+    assert len(model(feats, return_dict=False)) == 3
+    assert len(model(feats, return_dict=False, output_hidden_states=True)) == 4

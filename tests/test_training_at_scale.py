@@ -345,6 +345,39 @@ def test_a_frozen_report_encoder_is_run_once_per_report(feature_cohort, tmp_path
     assert [r["step"] for r in _records(out)] == [1, 2]
 
 
+def test_frozen_report_encodings_are_shared_by_runs_on_the_same_reports(feature_cohort):
+    """The demo's shuffled-pairing controls pair the same reports with other cases: the second run reuses the
+    first one's encodings (the text encoder does not run) and every case gets its own report's [CLS], to the
+    bit; an encoder with other weights is run again."""
+    from mstar_hf.data import load_cohort
+    from mstar_hf.training_utils.stage1 import Stage1DataArguments, Stage1ModelArguments, build_processor_and_model
+    from mstar_hf.training_utils.stage1 import encode_reports_once
+
+    cohort = load_cohort(feature_cohort / "manifest.csv")
+    data_args = Stage1DataArguments(manifest=str(feature_cohort / "manifest.csv"), max_patches=16)
+    model, processor = build_processor_and_model(Stage1ModelArguments(model_size="tiny"), data_args, list(cohort["report"]))
+    calls = []
+    model.text_model.register_forward_hook(lambda module, args, output: calls.append(1))
+    first = encode_reports_once(model, processor, [cohort], batch_size=4)
+    encoded = len(calls)
+    assert encoded == -(-len(set(cohort["report"])) // 4)  # each distinct report once, in batches of 4
+    # what the encoder reads of a dataset: its case ids and reports
+    shuffled = {"case_id": list(cohort["case_id"]),
+                "report": list(np.random.default_rng(0).permutation(list(cohort["report"])))}
+    assert shuffled["report"] != list(cohort["report"])
+    second = encode_reports_once(model, processor, [shuffled], batch_size=4)
+    assert len(calls) == encoded  # nothing encoded again
+    report_of = dict(zip(cohort["case_id"], cohort["report"]))
+    first_by_report = {report_of[c]: h for c, h in first.items()}
+    for case, report in zip(shuffled["case_id"], shuffled["report"]):
+        assert torch.equal(second[case], first_by_report[report])
+    with torch.no_grad():
+        next(model.text_model.parameters()).add_(1e-3)
+    third = encode_reports_once(model, processor, [cohort], batch_size=4)
+    assert len(calls) == 2 * encoded
+    assert not all(torch.equal(third[c], first[c]) for c in first)
+
+
 def test_stage1_with_multi_slide_cases_never_contrasts_a_patient_with_itself(feature_cohort, tmp_path, monkeypatch):
     """Cases with a second slide (same report and RNA): every InfoNCE call masks the pairs of one case, and
     retrieval is reported per case beside per slide."""

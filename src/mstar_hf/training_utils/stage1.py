@@ -5,6 +5,7 @@ inter-modality InfoNCE and the inter-cancer triplet loss. `training/stage1.py` i
 `accelerate launch` entry point; `mstar-hf demo` calls `run_stage1` directly, the same code path.
 """
 
+import hashlib
 import json
 import logging
 import math
@@ -29,6 +30,10 @@ from .common import (
 logger = logging.getLogger(__name__)
 
 RETRIEVAL_DIRECTIONS = (("slide", "report"), ("slide", "rna"), ("report", "rna"))
+# Frozen report encodings of the latest text encoder this process ran, by exact input batch: the demo trains its
+# Stage 1 and the shuffled-pairing controls in one process on the same reports (~5 s of BERT per run otherwise).
+# A text encoder with other weights replaces them all, so the memo holds one cohort's worth at most.
+_REPORT_MEMO: dict = {"encoder": None, "batches": {}}
 
 
 @dataclass
@@ -206,11 +211,25 @@ def make_loader(dataset, processor, data_args, batch_size: int, seed: int, shuff
     ), torch_dataset
 
 
+def _tensor_digest(tensors) -> str:
+    """sha256 of named tensors' names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{t.numel()};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 @torch.no_grad()
 def encode_reports_once(model, processor, datasets, batch_size: int = 32, progress: bool = False):
     """{case_id: [CLS] of its report} from the frozen text encoder (eval mode, no dropout), or None when a
     case's slides carry different reports (then the encoder runs every step as usual). A frozen BioBERT
-    is most of a Stage 1 step's cost; each report is encoded once instead of once per step."""
+    is most of a Stage 1 step's cost; each report is encoded once instead of once per step.
+
+    Distinct reports are encoded in text order, so a run on the same reports paired with other cases (a
+    shuffled-pairing control) meets the same batches, and a batch this process already encoded with the same
+    encoder weights (`_REPORT_MEMO`) is not encoded again: the result is the same to the bit."""
     from tqdm.auto import tqdm
 
     by_case = {}
@@ -221,20 +240,29 @@ def encode_reports_once(model, processor, datasets, batch_size: int = 32, progre
             if by_case.setdefault(case, report) != report:
                 logger.warning("case %s has several different reports: the frozen report encoder is not cached", case)
                 return None
-    cases = sorted(by_case)
+    owner = {}  # a case holding each distinct report, named in the processor's errors
+    for case in sorted(by_case):
+        owner.setdefault(by_case[case], case)
+    texts = sorted(owner)
     text_model = model.text_model
+    encoder = _tensor_digest(text_model.state_dict().items()) + str(next(text_model.parameters()).device)
+    if _REPORT_MEMO["encoder"] != encoder:
+        _REPORT_MEMO.update(encoder=encoder, batches={})
+    memo = _REPORT_MEMO["batches"]
     was_training = text_model.training
     text_model.eval()
-    cache = {}
-    for start in tqdm(range(0, len(cases), batch_size), desc="encoding reports once", disable=not progress,
+    by_text = {}
+    for start in tqdm(range(0, len(texts), batch_size), desc="encoding reports once", disable=not progress,
                       leave=False):
-        chunk = cases[start:start + batch_size]
-        tokens = processor.tokenize_reports([by_case[c] for c in chunk], chunk)
+        chunk = texts[start:start + batch_size]
+        tokens = processor.tokenize_reports(chunk, [owner[t] for t in chunk])
         tokens = {k: v for k, v in tokens.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        hidden = text_model(**tokens, return_dict=True).last_hidden_state[:, 0]
-        cache.update({c: h.float().cpu() for c, h in zip(chunk, hidden)})
+        key = _tensor_digest(sorted(tokens.items()))
+        if key not in memo:
+            memo[key] = text_model(**tokens, return_dict=True).last_hidden_state[:, 0].float().cpu()
+        by_text.update(zip(chunk, memo[key]))
     text_model.train(was_training)
-    return cache
+    return {case: by_text[report] for case, report in by_case.items()}
 
 
 def report_hidden_for(cache: dict | None, case_ids, width: int):

@@ -110,8 +110,9 @@ class Stage2Arguments:
     teacher_target: str = field(default="final", metadata={
         "help": f"The teacher's patch tokens the student regresses onto: {' | '.join(TEACHER_TARGETS)} ('final': after "
                 "the aggregator's final LayerNorm, the paper's re-embedded feature; 'pre_norm': before it; "
-                "'first_layer': after the first TransLayer, less slide context). On three demo cohorts (24 held-out cases each) "
-                "few-shot k=1 gains +0.06 / +0.04 / +0.06 on average, within Stage 2's seed spread (bench/README.md)."})
+                "'first_layer': after the first TransLayer, less slide context). On three demo cohorts (24 held-out "
+                "cases each) few-shot k=1 gains +0.06 / +0.04 / +0.06 on average, within Stage 2's seed spread "
+                "(bench/README.md)."})
     ema_consistency_weight: float = field(default=0.6, metadata={"help": "Weight of the EMA consistency term."})
     ema_momentum: float = field(default=0.996, metadata={"help": "EMA momentum (per optimizer step)."})
     no_grad_precision: str = field(default="auto", metadata={
