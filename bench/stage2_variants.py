@@ -54,12 +54,9 @@ def run_variant(demo: Path, name: str, flags: str, work: Path, steps: int, quiet
         i = args.index("--steps")
         steps = steps * int(args[i + 1].lstrip("x"))
         del args[i:i + 2]
-    teacher_target = "final"
     for i, flag in enumerate(args[:-1]):  # an explicit step count wins (as in argparse, the last one)
         if flag == "--max_train_steps":
             steps = int(args[i + 1])
-        if flag == "--teacher_target":  # the fit is judged against the target Stage 2 trained on
-            teacher_target = args[i + 1]
     out = work / name.replace(" ", "_").replace("/", "_").replace(",", "")
     if out.exists():
         shutil.rmtree(out)
@@ -83,6 +80,8 @@ def run_variant(demo: Path, name: str, flags: str, work: Path, steps: int, quiet
     labels = class_labels(json.loads((demo / "cohort" / "cohort.json").read_text()))
     cases = [{**c, "features_path": demo_eval.features_path(c, out / "features")} for c in test]
     zero_shot = _zero_shot(out / "mstar_model", cases, labels, "patch_topk", "encoder")
+    # the fit is judged against the target this Stage 2 trained on, as its results record it
+    teacher_target = json.loads((out / "stage2_results.json").read_text())["teacher_target"]
     target = demo_eval.distillation_report(demo / "models" / "stage1", out / "mstar_model", initial, student,
                                            teacher_target=teacher_target)
     return {"variant": name, "flags": flags, "steps": steps, "stage2_s": round(seconds, 1),

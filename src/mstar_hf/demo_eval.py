@@ -182,8 +182,8 @@ def ridge_to_teacher(x_tr, t_tr, ridge: float = 1.0):
 @torch.no_grad()
 def distillation_report(stage1_dir, stage2_model_dir, init_bags: tuple[list, list], stage2_bags: tuple[list, list],
                         ridge: float = 1.0, teacher_target: str = "final") -> dict:
-    """Stage 2's target (`teacher_target`, as Stage 2 trained on) on held-out patches; see the module
-    docstring. `*_bags = (train, test)`."""
+    """Stage 2's target (`teacher_target`: the tokens that Stage 2 run regressed onto) on held-out patches;
+    see the module docstring. `*_bags = (train, test)`."""
     from .modeling import MStarModel
 
     teacher = MStarModel.from_pretrained(str(stage1_dir), dtype=torch.float32).eval()
